@@ -1,0 +1,3 @@
+from diffkg_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""One entry point for every source: ``build_dataset("mimic3", path, seed=1, split="visit")``.
+
+Options are split by name between the source's loader and the medication KG builder
+(:func:`diffkg_fast.data.medkg.build_medication_dataset`); ``seed`` goes to both, so one seed
+fixes the synthetic cohort and the split. An unknown or mistyped option is a :class:`DataError`
+naming it and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+from diffkg_fast.data.codes import bundled_path
+from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.medkg import build_medication_dataset
+from diffkg_fast.data.records import MedicalRecords
+
+# source -> (module, loader, takes a path, gives MedicalRecords)
+SOURCES: dict[str, tuple[str, str, bool, bool]] = {
+    "mimic3": ("diffkg_fast.data.mimic3", "load_mimic3", True, True),
+    "safedrug": ("diffkg_fast.data.safedrug", "load_safedrug", True, True),
+    "synthetic": ("diffkg_fast.data.synthetic", "synthetic_records", False, True),
+    "diffkg": ("diffkg_fast.data.kgrec", "load_diffkg", True, False),
+    "kgat": ("diffkg_fast.data.kgrec", "load_kgat", True, False),
+}
+
+
+def _loader(source: str) -> tuple[Callable[..., Any], bool, bool]:
+    if source not in SOURCES:
+        raise DataError(f"unknown source {source!r}; expected one of {sorted(SOURCES)}",
+                        field="source")
+    module, fn, takes_path, medical = SOURCES[source]
+    return getattr(importlib.import_module(module), fn), takes_path, medical
+
+
+def _options_of(fn: Callable[..., Any], skip: int) -> dict[str, inspect.Parameter]:
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _check_type(key: str, value: Any, param: inspect.Parameter) -> Any:
+    default = param.default
+    if default is inspect.Parameter.empty or default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise DataError(f"expected true or false, got {value!r}", field=key)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"expected an integer, got {value!r}", field=key)
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"expected a number, got {value!r}", field=key)
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise DataError(f"expected a string, got {value!r}", field=key)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` value: int, float, true/false, none, else the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_dataset(
+    source: str, path: str | os.PathLike[str] | None = None, **options: Any
+) -> KGDataset:
+    """Load ``source`` (from ``path`` where it reads files) and build the dataset."""
+    load, takes_path, medical = _loader(source)
+    loader_opts = _options_of(load, 1 if takes_path else 0)
+    build_opts = _options_of(build_medication_dataset, 1) if medical else {}
+    valid = sorted(set(loader_opts) | set(build_opts))
+    for key in options:
+        if key not in loader_opts and key not in build_opts:
+            raise DataError(f"unknown option for source {source!r}; valid options: {valid}",
+                            field=key)
+    load_kw = {k: _check_type(k, v, loader_opts[k]) for k, v in options.items() if k in loader_opts}
+    build_kw = {k: _check_type(k, v, build_opts[k]) for k, v in options.items() if k in build_opts}
+    if takes_path:
+        if path is None:
+            if source != "mimic3":
+                raise DataError(f"source {source!r} needs --path DIR", field="path")
+            path = bundled_path("mimic3-demo")  # the bundled real MIMIC-III demo
+        loaded = load(path, **load_kw)
+    else:
+        if path is not None:
+            raise DataError(f"source {source!r} reads no files; drop --path", field="path")
+        loaded = load(**load_kw)
+    if not medical:
+        return loaded
+    assert isinstance(loaded, MedicalRecords)
+    ds = build_medication_dataset(loaded, **build_kw)
+    ds.meta["source_options"] = {k: v for k, v in load_kw.items()}
+    if path is not None:
+        ds.meta["source_path"] = str(path)
+    return ds

@@ -1,0 +1,40 @@
+"""The install layout: diffkg_fast.kernels exists, no top-level ``kernels`` comes from us."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_kernels_subpackage():
+    import diffkg_fast.kernels as k
+
+    assert isinstance(k.HAS_TRITON, bool)
+    assert Path(k.__file__).parent.name == "kernels"
+
+
+def test_no_top_level_kernels(tmp_path):
+    # Run from an empty folder so the checkout itself is not on sys.path.
+    code = ("import importlib.util as u; s = u.find_spec('kernels'); "
+            "print('' if s is None else s.origin)")
+    origin = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert "diffkg" not in origin and not origin.endswith("main/kernels/__init__.py"), origin
+
+
+def test_console_script_declared():
+    eps = importlib.metadata.entry_points(group="console_scripts")
+    assert any(ep.name == "diffkg-fast" and ep.value == "diffkg_fast.cli:main" for ep in eps)
+
+
+def test_bundled_data_and_notice():
+    from diffkg_fast.data.codes import bundled_path
+
+    notice = bundled_path("NOTICE").read_text()
+    for name in ("MIMIC-III", "ODbL", "TWOSIDES", "RxNorm", "ATC"):
+        assert name in notice
+    for f in ("DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS"):
+        assert bundled_path("mimic3-demo", f"{f}.csv.gz").is_file()
