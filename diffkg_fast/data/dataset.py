@@ -33,19 +33,35 @@ SPLITS = ("train", "valid", "test")
 VISIT_SPLIT = {"train": 0, "valid": 1, "test": 2}
 
 
+def unique_int(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array.
+
+    ``np.unique`` takes 4.5-5.4 s on 3M random int64 keys with numpy 2.4 on the 2-core CI
+    machine; a sort plus a neighbour comparison takes 0.08 s.
+    """
+    s = np.sort(np.asarray(keys), kind="stable")
+    if len(s) < 2:
+        return s
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
+def csr_from_keys(keys: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Binary canonical CSR from sorted, distinct ``row * n_cols + col`` keys."""
+    n_rows, n_cols = shape
+    r, c = np.divmod(np.asarray(keys, dtype=np.int64), max(n_cols, 1))
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
+    m = sp.csr_matrix((np.ones(len(c), dtype=np.float32), c.astype(np.int32), indptr),
+                      shape=shape)
+    m.has_sorted_indices = True
+    return m
+
+
 def to_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """Binary CSR with sorted column indices, duplicates merged (the canonical interaction form)."""
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
-    n_rows, n_cols = shape
-    key = np.unique(rows * max(n_cols, 1) + cols)
-    r, c = np.divmod(key, max(n_cols, 1))
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(r, minlength=n_rows), out=indptr[1:])
-    data = np.ones(len(c), dtype=np.float32)
-    m = sp.csr_matrix((data, c.astype(np.int32), indptr), shape=shape)
-    m.has_sorted_indices = True
-    return m
+    return csr_from_keys(unique_int(rows * max(shape[1], 1) + cols), shape)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffkg_fast.data import codes as codes_mod
-from diffkg_fast.data.dataset import KGDataset, VisitFeatures, to_csr
+from diffkg_fast.data.dataset import KGDataset, VisitFeatures, to_csr, unique_int
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.records import MedicalRecords
 
@@ -142,7 +142,7 @@ def build_medication_dataset(
 
     # --- split ---------------------------------------------------------------------------
     if split == "interaction":
-        key = np.unique(med_patient * n_med + records.med)
+        key = unique_int(med_patient * n_med + records.med)
         pair_patient, pair_med = np.divmod(key, n_med)
         part = split_interactions(pair_patient, pair_med, n_pat, rng)
         visit_split = np.zeros(n_vis, dtype=np.int8)
@@ -226,7 +226,9 @@ def build_medication_dataset(
     if parent_edges:
         pe = np.asarray(parent_edges, dtype=np.int64)
         triplets.append(np.stack([pe[:, 0], np.full(len(pe), 3), pe[:, 1]], axis=1))
-    kg = np.unique(np.concatenate(triplets).astype(np.int64), axis=0)
+    kg = np.concatenate(triplets).astype(np.int64)
+    kg = kg[np.lexsort((kg[:, 2], kg[:, 1], kg[:, 0]))]
+    kg = kg[np.concatenate(([True], np.any(kg[1:] != kg[:-1], axis=1)))] if len(kg) else kg
 
     visits = VisitFeatures(
         patient=visit_patient,
