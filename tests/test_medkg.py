@@ -22,7 +22,7 @@ from helpers import DIAGS, MEDS, PROCS, random_records
 
 
 def brute_force_cooc(rec: MedicalRecords, ds, kind: str, min_count: int, min_lift: float,
-                     top_k: int) -> set[tuple[int, int]]:
+                     top_k: int, top_k_code: int) -> set[tuple[int, int]]:
     """Pure-Python edges from training entries only (the spec of the module docstring)."""
     train = {(int(u), int(i)) for u, i in zip(*ds.train.nonzero(), strict=True)}
     nested = rec.to_nested()
@@ -41,26 +41,30 @@ def brute_force_cooc(rec: MedicalRecords, ds, kind: str, min_count: int, min_lif
         med_f.update(meds)
         code_f.update(cs)
         pair_f.update(itertools.product(meds, cs))
-    per_med = defaultdict(list)
+    per_med, per_code = defaultdict(list), defaultdict(list)
     for (m, c), cnt in pair_f.items():
         lift = cnt * n / (med_f[m] * code_f[c])
         if cnt >= min_count and lift >= min_lift:
             per_med[m].append((-lift, -cnt, c))
-    return {(m, c) for m, lst in per_med.items() for _, _, c in sorted(lst)[:top_k]}
+            per_code[c].append((-lift, -cnt, m))
+    by_med = {(m, c) for m, lst in per_med.items() for _, _, c in sorted(lst)[:top_k]}
+    by_code = {(m, c) for c, lst in per_code.items() for _, _, m in sorted(lst)[:top_k_code]}
+    return by_med | by_code
 
 
 @pytest.mark.parametrize("split", ["interaction", "visit"])
-@pytest.mark.parametrize("opts", [(2, 1.0, 100), (3, 1.5, 4)])
+@pytest.mark.parametrize("opts", [(2, 1.0, 100, 0), (3, 1.5, 4, 0), (3, 1.5, 2, 3), (1, 0.5, 0, 2)])
 def test_cooccurrence_matches_brute_force(split, opts):
     rec = random_records(150, seed=1)
-    min_count, min_lift, top_k = opts
+    min_count, min_lift, top_k, top_k_code = opts
     ds = build_medication_dataset(rec, split=split, seed=3, cooc_min_count=min_count,
-                                  cooc_min_lift=min_lift, cooc_top_k=top_k)
+                                  cooc_min_lift=min_lift, cooc_top_k=top_k,
+                                  cooc_top_k_code=top_k_code)
     n_med, n_diag = len(MEDS), len(DIAGS)
     for rel, kind, off in (("med_diagnosis", "diag", n_med), ("med_procedure", "proc",
                                                               n_med + n_diag)):
         got = {(int(h), int(t) - off) for h, t in ds.triplets_of(rel)}
-        want = brute_force_cooc(rec, ds, kind, min_count, min_lift, top_k)
+        want = brute_force_cooc(rec, ds, kind, min_count, min_lift, top_k, top_k_code)
         assert want, "the reference found no edge: the test would prove nothing"
         assert got == want
 
@@ -222,4 +226,6 @@ def test_bad_options():
     with pytest.raises(DataError, match="split"):
         build_medication_dataset(rec, split="random")
     with pytest.raises(DataError, match="cooc_top_k"):
-        build_medication_dataset(rec, cooc_top_k=0)
+        build_medication_dataset(rec, cooc_top_k=-1)
+    with pytest.raises(DataError, match="cooc_min_count"):
+        build_medication_dataset(rec, cooc_min_count=0)

@@ -85,11 +85,16 @@ def build_dataset(
     loader_opts = _options_of(load, 1 if takes_path else 0)
     build_opts = _options_of(build_medication_dataset, 1) if medical else {}
     valid = sorted(set(loader_opts) | set(build_opts))
+    # A loader with **knobs (the synthetic cohort) checks the names it receives itself.
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(load).parameters.values())
     for key in options:
-        if key not in loader_opts and key not in build_opts:
+        if key not in loader_opts and key not in build_opts and not open_ended:
             raise DataError(f"unknown option for source {source!r}; valid options: {valid}",
                             field=key)
     load_kw = {k: _check_type(k, v, loader_opts[k]) for k, v in options.items() if k in loader_opts}
+    if open_ended:
+        load_kw.update({k: v for k, v in options.items()
+                        if k not in loader_opts and k not in build_opts})
     build_kw = {k: _check_type(k, v, build_opts[k]) for k, v in options.items() if k in build_opts}
     if takes_path:
         if path is None:

@@ -12,8 +12,10 @@ Relations (one direction stored; the model adds the inverses):
   training data: under the ``visit`` split, visits of training patients; under the
   ``interaction`` split, entries whose (patient, medication) pair is in the training matrix. An
   edge needs ``count >= cooc_min_count`` and ``lift = P(m, c) / (P(m) P(c)) >= cooc_min_lift``
-  over the counted visits; each medication keeps its ``cooc_top_k`` highest-lift codes. Raw
-  co-occurrence alone would link the most common drug (in ~89% of visits) to nearly every code.
+  over the counted visits; an edge is kept when it is among the medication's ``cooc_top_k``
+  highest-lift codes or the code's ``cooc_top_k_code`` highest-lift medications (so frequent
+  codes are not left isolated). Raw co-occurrence alone would link the most common drug (in ~89%
+  of visits) to nearly every code.
 - ``ddi`` (medication -> medication, lower id first): TWOSIDES pairs mapped to ATC-3 by SafeDrug's
   rule (:func:`diffkg_fast.data.codes.ddi_pairs`), or the source's own DDI matrix.
 - ``atc_parent``: medication -> its ATC parent class -> … -> ATC level-1 group (class entities).
@@ -86,11 +88,22 @@ def split_patients_safedrug(n_patients: int, rng: np.random.Generator | None) ->
     return out
 
 
+def _top_k_mask(group: np.ndarray, other: np.ndarray, lift: np.ndarray, count: np.ndarray,
+                k: int) -> np.ndarray:
+    """True for the ``k`` highest-lift entries of each ``group`` (ties: count, then id)."""
+    order = np.lexsort((other, -count, -lift, group))
+    g = group[order]
+    rank = np.arange(len(g)) - np.searchsorted(g, g, side="left")
+    mask = np.zeros(len(g), dtype=bool)
+    mask[order] = rank < k
+    return mask
+
+
 def _cooccurrence_edges(
     visit_med: sp.csr_matrix, visit_code: sp.csr_matrix, min_count: int, min_lift: float,
-    top_k: int,
+    top_k: int, top_k_code: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(med, code) edges by count, lift and per-medication top-k; visits = rows of both inputs."""
+    """(med, code) edges by count and lift, kept when in the medication's top-k or the code's."""
     n_visits = visit_med.shape[0]
     counts = (visit_med.T @ visit_code).tocoo()
     med_freq = np.asarray(visit_med.sum(axis=0)).ravel()
@@ -99,12 +112,15 @@ def _cooccurrence_edges(
     lift = k * n_visits / (med_freq[m] * code_freq[c])
     keep = (k >= min_count) & (lift >= min_lift)
     m, c, k, lift = m[keep], c[keep], k[keep], lift[keep]
-    # Highest lift first inside each medication; ties by count then code id, so it is stable.
-    order = np.lexsort((c, -k, -lift, m))
-    m, c = m[order], c[order]
-    first = np.searchsorted(m, m, side="left")
-    keep = (np.arange(len(m)) - first) < top_k
-    return m[keep], c[keep]
+    keep = _top_k_mask(m, c, lift, k, top_k) | _top_k_mask(c, m, lift, k, top_k_code)
+    order = np.lexsort((c[keep], m[keep]))
+    return m[keep][order], c[keep][order]
+
+
+def _icd_code(code: str, kind: str) -> str:
+    """``ICD9DX:4019`` for a real ICD-9 code; ``DX:DX_000123`` for a synthetic one."""
+    real = code in codes_mod.icd9_titles(kind)
+    return f"{'ICD9' if real else ''}{'DX' if kind == 'diag' else 'PX'}:{code}"
 
 
 def _entity_name(code: str, kind: str) -> str:
@@ -121,6 +137,7 @@ def build_medication_dataset(
     cooc_min_count: int = 5,
     cooc_min_lift: float = 1.5,
     cooc_top_k: int = 50,
+    cooc_top_k_code: int = 5,
     ddi: bool = True,
     atc_hierarchy: bool = True,
     shuffle_patients: bool = False,
@@ -130,9 +147,12 @@ def build_medication_dataset(
     records.validate()
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}", field="split")
-    for key, value in (("cooc_min_count", cooc_min_count), ("cooc_top_k", cooc_top_k)):
-        if int(value) < 1:
-            raise DataError(f"must be >= 1, got {value}", field=key)
+    minimum = {"cooc_min_count": 1, "cooc_top_k": 0, "cooc_top_k_code": 0}
+    given = {"cooc_min_count": cooc_min_count, "cooc_top_k": cooc_top_k,
+             "cooc_top_k_code": cooc_top_k_code}
+    for key, low in minimum.items():
+        if int(given[key]) < low:
+            raise DataError(f"must be >= {low}, got {given[key]}", field=key)
     rng = np.random.default_rng(seed)
     n_pat, n_vis = records.n_patients, records.n_visits
     n_med, n_diag, n_proc = (len(records.voc(k)) for k in ("med", "diag", "proc"))
@@ -188,8 +208,8 @@ def build_medication_dataset(
     med_prefix = {1: "ATC1", 3: "ATC2", 4: "ATC3", 5: "ATC4", 7: "ATC5"}
     entity_codes = (
         [f"{med_prefix.get(len(c), 'MED')}:{c}" for c in records.med_voc]
-        + [f"ICD9DX:{c}" for c in records.diag_voc]
-        + [f"ICD9PX:{c}" for c in records.proc_voc]
+        + [_icd_code(c, "diag") for c in records.diag_voc]
+        + [_icd_code(c, "proc") for c in records.proc_voc]
         + [f"{med_prefix[len(c)]}:{c}" for c in class_codes]
     )
     entity_names = (
@@ -214,7 +234,7 @@ def build_medication_dataset(
             shape=(n_vis, len(records.voc(kind))),
         )[counted_rows]
         m, c = _cooccurrence_edges(visit_med, visit_code, cooc_min_count, cooc_min_lift,
-                                   cooc_top_k)
+                                   cooc_top_k, cooc_top_k_code)
         triplets.append(np.stack([m, np.full_like(m, rel), c + offset], axis=1))
     ddi_pairs = np.zeros((0, 2), np.int64)
     if ddi:
@@ -248,7 +268,8 @@ def build_medication_dataset(
         "ddi_pairs": len(ddi_pairs),
         "options": {
             "split": split, "seed": seed, "cooc_min_count": cooc_min_count,
-            "cooc_min_lift": cooc_min_lift, "cooc_top_k": cooc_top_k, "ddi": ddi,
+            "cooc_min_lift": cooc_min_lift, "cooc_top_k": cooc_top_k,
+            "cooc_top_k_code": cooc_top_k_code, "ddi": ddi,
             "atc_hierarchy": atc_hierarchy, "shuffle_patients": shuffle_patients,
         },
     }
