@@ -38,9 +38,14 @@ def _loader(source: str) -> tuple[Callable[..., Any], bool, bool]:
     return getattr(importlib.import_module(module), fn), takes_path, medical
 
 
+# Loader parameters that are outputs, not user options: ``stats`` is a dict the loader fills.
+_NOT_OPTIONS = frozenset({"stats"})
+
+
 def _options_of(fn: Callable[..., Any], skip: int) -> dict[str, inspect.Parameter]:
     params = list(inspect.signature(fn).parameters.values())[skip:]
-    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in _NOT_OPTIONS}
 
 
 def _check_type(key: str, value: Any, param: inspect.Parameter) -> Any:
@@ -96,6 +101,9 @@ def build_dataset(
         load_kw.update({k: v for k, v in options.items()
                         if k not in loader_opts and k not in build_opts})
     build_kw = {k: _check_type(k, v, build_opts[k]) for k, v in options.items() if k in build_opts}
+    source_stats: dict[str, Any] = {}
+    if "stats" in inspect.signature(load).parameters:
+        load_kw["stats"] = source_stats
     if takes_path:
         if path is None:
             if source != "mimic3":
@@ -110,7 +118,9 @@ def build_dataset(
         return loaded
     assert isinstance(loaded, MedicalRecords)
     ds = build_medication_dataset(loaded, **build_kw)
-    ds.meta["source_options"] = {k: v for k, v in load_kw.items()}
+    ds.meta["source_options"] = {k: v for k, v in load_kw.items() if k != "stats"}
+    if source_stats:
+        ds.meta["source_stats"] = source_stats
     if path is not None:
         ds.meta["source_path"] = str(path)
     return ds

@@ -97,6 +97,13 @@ def ddi_pairs(med_voc: Sequence[str]) -> np.ndarray:
     types, already filtered in the shipped file) links every vocabulary code under the first
     CID's ATC-3 classes to every one under the second's, both directions, never a code to itself.
     """
+    short = [c for c in med_voc if len(c) < 4]
+    if short:
+        raise DataError(
+            f"SafeDrug's DDI rule maps interactions at ATC level 3 (4 characters); medication "
+            f"codes such as {short[0]!r} are coarser. Build with atc_level >= 3 or ddi=false",
+            field="ddi",
+        )
     by_prefix: dict[str, list[int]] = defaultdict(list)
     for i, code in enumerate(med_voc):
         by_prefix[code[:4]].append(i)
