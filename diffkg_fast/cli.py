@@ -39,6 +39,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     ds.save(args.out)
     print(f"built {args.source} dataset in {time.perf_counter() - t0:.2f} s -> {args.out}")
     print(format_stats(dataset_stats(ds)))
+    if "source_stats" in ds.meta:  # what the preprocessing dropped, so that nothing goes unseen
+        print("preprocessing:")
+        print("  " + format_stats(ds.meta["source_stats"]).replace("\n", "\n  "))
     return 0
 
 

@@ -54,19 +54,22 @@ def dataset_stats(ds: KGDataset) -> dict[str, Any]:
     return out
 
 
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+
+
 def format_stats(stats: dict[str, Any]) -> str:
-    """A two-column text table."""
+    """A two-column text table (nested dicts indented, a third level joined on one line)."""
     lines = []
     for key, value in stats.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
             for k, v in value.items():
-                v = ", ".join(f"{a} {b:,}" for a, b in v.items()) if isinstance(v, dict) else v
-                lines.append(f"  {k:<22} {v:,}" if isinstance(v, int) else f"  {k:<22} {v}")
-        elif isinstance(value, float):
-            lines.append(f"{key:<24} {value:.3e}")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            lines.append(f"{key:<24} {value:,}")
+                text = (", ".join(f"{a} {_fmt(b)}" for a, b in v.items())
+                        if isinstance(v, dict) else _fmt(v))
+                lines.append(f"  {k:<22} {text}")
         else:
-            lines.append(f"{key:<24} {value}")
+            lines.append(f"{key:<24} {_fmt(value)}")
     return "\n".join(lines)
