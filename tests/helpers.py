@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from diffkg_fast.data.codes import atc_names, icd9_titles
@@ -25,3 +27,20 @@ def random_records(n_patients: int, seed: int) -> MedicalRecords:
             visits.append([d, p, m])
         recs.append(visits)
     return MedicalRecords.from_nested(recs, DIAGS, PROCS, MEDS, source="test")
+
+
+# SafeDrug's class, verbatim (data/processing.py).
+VOC_SOURCE = textwrap.dedent(
+    """
+    class Voc(object):
+        def __init__(self):
+            self.idx2word = {}
+            self.word2idx = {}
+
+        def add_sentence(self, sentence):
+            for word in sentence:
+                if word not in self.word2idx:
+                    self.idx2word[len(self.word2idx)] = word
+                    self.word2idx[word] = len(self.word2idx)
+    """
+)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-import textwrap
 import types
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from diffkg_fast.data.safedrug import (
     load_safedrug,
     write_safedrug,
 )
+
+from helpers import VOC_SOURCE
 
 DIAG = ["4019", "41401", "4280", "42731"]
 PROC = ["3615", "3961"]
@@ -92,17 +93,7 @@ def test_safedrug_dill_vocabulary(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     main = types.ModuleType("__main__")
     monkeypatch.setitem(sys.modules, "__main__", main)
     monkeypatch.setattr(dill._dill, "_main_module", main)
-    exec(textwrap.dedent("""
-        class Voc(object):
-            def __init__(self):
-                self.idx2word = {}
-                self.word2idx = {}
-            def add_sentence(self, sentence):
-                for word in sentence:
-                    if word not in self.word2idx:
-                        self.idx2word[len(self.word2idx)] = word
-                        self.word2idx[word] = len(self.word2idx)
-    """), main.__dict__)
+    exec(VOC_SOURCE, main.__dict__)
     vocs = {}
     for key, words in (("diag_voc", DIAG), ("med_voc", MED), ("pro_voc", PROC)):
         vocs[key] = main.Voc()

@@ -25,21 +25,8 @@ from diffkg_fast.data.unpickle import (
     load_safedrug_voc,
 )
 
-# SafeDrug's class, verbatim (data/processing.py).
-VOC_SOURCE = textwrap.dedent(
-    """
-    class Voc(object):
-        def __init__(self):
-            self.idx2word = {}
-            self.word2idx = {}
+from helpers import VOC_SOURCE
 
-        def add_sentence(self, sentence):
-            for word in sentence:
-                if word not in self.word2idx:
-                    self.idx2word[len(self.word2idx)] = word
-                    self.word2idx[word] = len(self.word2idx)
-    """
-)
 WORDS = {"diag_voc": ["4019", "41401", "4280"], "pro_voc": ["3615"], "med_voc": ["N02B", "A01A"]}
 
 
