@@ -1,0 +1,1 @@
+"""Compute-heavy ops of DiffKG behind one interface each (``backend="auto" | "reference" | …``)."""
