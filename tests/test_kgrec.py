@@ -146,7 +146,7 @@ def test_max_id(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"kg_final\.txt, line 1: id '4' is larger than max_id=3"):
         load_kgat(root, max_id=3)
     assert load_kgat(root, max_id=5).n_entities == 6
-    with pytest.raises(ValueError, match="max_id"):
+    with pytest.raises(DataError, match="max_id"):
         load_kgat(root, max_id=2**31)
     huge = kgat(tmp_path / "h", train="0 " + "9" * 40 + "\n")
     with pytest.raises(DataError, match=r"train\.txt, line 1: id '9{39}"):

@@ -240,7 +240,7 @@ def _dir(path: str | os.PathLike[str]) -> Path:
 
 def _check_max_id(max_id: int) -> int:
     if not 0 <= max_id <= _INT32_MAX - 1:
-        raise ValueError(f"max_id must be in [0, {_INT32_MAX - 1}] (int32 CSR indices)")
+        raise DataError(f"must be in [0, {_INT32_MAX - 1}] (int32 CSR indices)", field="max_id")
     return int(max_id)
 
 
