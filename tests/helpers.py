@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+import torch
 
 from diffkg_fast.data.codes import atc_names, icd9_titles
 from diffkg_fast.data.records import MedicalRecords
@@ -44,3 +45,15 @@ VOC_SOURCE = textwrap.dedent(
                     self.word2idx[word] = len(self.word2idx)
     """
 )
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6,
+                 atol: float = 1e-5) -> None:
+    """allclose that names the first mismatching index (torch.testing's version imports
+    DTensor and sympy on first use: ~2 s of test time)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+    bad = ~torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=False)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{int(bad.sum())} mismatches, first at {idx}: {a[idx].item()} vs "
+                             f"{b[idx].item()}; max abs err {(a - b).abs().max().item():.3g}")

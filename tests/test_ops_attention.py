@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from diffkg_fast.ops.attention import dropout_mask, rgat_aggregate, rgat_forward
 from diffkg_fast.ops.graph import KGCSR
 
+from helpers import assert_close
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These graphs are tiny: with 2 OpenMP threads on a busy 2-core machine every small op
-    waits at a barrier (measured: 28 s for this file vs 6 s single-threaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rgat_aggregate_naive(E, Rel, W, kg: KGCSR, normalize: bool = True):
@@ -64,18 +58,6 @@ def tables(g: KGCSR, d: int, dtype=torch.float64, scale: float = 1.0, seed: int 
     W = torch.empty(2 * d, d, dtype=dtype)
     torch.nn.init.xavier_uniform_(W, gain=torch.nn.init.calculate_gain("relu"), generator=gen)
     return E, Rel, W
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6,
-                 atol: float = 1e-5) -> None:
-    """allclose that names the first mismatching index (torch.testing's version imports
-    DTensor and sympy on first use: ~2 s of test time)."""
-    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
-    bad = ~torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=False)
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{int(bad.sum())} mismatches, first at {idx}: {a[idx].item()} vs "
-                             f"{b[idx].item()}; max abs err {(a - b).abs().max().item():.3g}")
 
 
 @pytest.mark.parametrize("d", [32, 64, 37])

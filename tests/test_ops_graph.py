@@ -9,15 +9,7 @@ import torch
 
 from diffkg_fast.ops.graph import KGCSR, is_symmetric, kg_with_inverses, norm_adjacency
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These graphs are tiny: with 2 OpenMP threads on a busy 2-core machine every small op
-    waits at a barrier (measured: 28 s for this file vs 6 s single-threaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffkg_edges(kg: np.ndarray, n_rel: int) -> np.ndarray:

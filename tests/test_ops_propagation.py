@@ -10,15 +10,9 @@ import torch
 from diffkg_fast.ops.graph import norm_adjacency
 from diffkg_fast.ops.propagation import lightgcn_propagate
 
+from helpers import assert_close
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These graphs are tiny: with 2 OpenMP threads on a busy 2-core machine every small op
-    waits at a barrier (measured: 28 s for this file vs 6 s single-threaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_train(u: int, i: int, seed: int) -> sp.csr_matrix:
@@ -28,18 +22,6 @@ def random_train(u: int, i: int, seed: int) -> sp.csr_matrix:
     r[:, 2] = 0  # isolated item
     r[0] = 1  # a long row
     return sp.csr_matrix(r)
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6,
-                 atol: float = 1e-5) -> None:
-    """allclose that names the first mismatching index (torch.testing's version imports
-    DTensor and sympy on first use: ~2 s of test time)."""
-    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
-    bad = ~torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=False)
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{int(bad.sum())} mismatches, first at {idx}: {a[idx].item()} vs "
-                             f"{b[idx].item()}; max abs err {(a - b).abs().max().item():.3g}")
 
 
 def dense_sum(a: torch.Tensor, x: torch.Tensor, layers: int) -> torch.Tensor:
