@@ -1,0 +1,163 @@
+"""The trainer: epoch order, the denoised KG reaching the recommender, selection, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import diffkg_fast.model.diffkg as diffkg_mod
+import diffkg_fast.train.trainer as trainer_mod
+from diffkg_fast.data.build import build_dataset
+from diffkg_fast.eval.ranking import ranking_metrics
+from diffkg_fast.model import DiffKGConfig
+from diffkg_fast.ops.diffusion import Denoiser
+from diffkg_fast.ops.graph import KGCSR
+from diffkg_fast.train import sample_negatives, train
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return build_dataset("synthetic", n_patients=400, seed=0)
+
+
+def _cfg(**kw) -> DiffKGConfig:
+    base = {"epoch": 2, "latdim": 16, "dims": [64], "seed": 3}
+    base.update(kw)
+    return DiffKGConfig(**base)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------- negative sampling
+def _dense_toy() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    rng = np.random.default_rng(0)
+    n_users, n_items = 200, 10
+    dense = rng.random((n_users, n_items)) < 0.8
+    dense[np.arange(n_users), rng.integers(0, n_items, n_users)] = False  # >= 1 negative each
+    dense[np.arange(n_users), rng.integers(0, n_items, n_users)] |= ~dense.any(1)
+    m = sp.csr_matrix(dense.astype(np.float32))
+    users, items, keys = trainer_mod._interactions(m)
+    return users, items, keys, n_items
+
+
+def test_negatives_never_positive_and_reproducible() -> None:
+    users, _, keys, n_items = _dense_toy()
+    users = users.repeat(20)  # many draws per user, at 80 % density
+    a = sample_negatives(users, keys, n_items, torch.Generator().manual_seed(5))
+    b = sample_negatives(users, keys, n_items, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert ((a >= 0) & (a < n_items)).all()
+    drawn = users * n_items + a
+    assert not torch.isin(drawn, keys).any()
+    c = sample_negatives(users, keys, n_items, torch.Generator().manual_seed(6))
+    assert not torch.equal(a, c)
+
+
+def test_negatives_reject_a_user_with_every_item() -> None:
+    m = sp.csr_matrix(np.ones((2, 3), dtype=np.float32))
+    users, _, keys = trainer_mod._interactions(m)
+    with pytest.raises(ValueError, match="every item"):
+        sample_negatives(users, keys, 3)
+
+
+# --------------------------------------------------------------------- the denoised KG
+def test_training_sees_the_denoised_kg(ds, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[KGCSR, bool]] = []
+    real = diffkg_mod.rgat_forward
+
+    def recording(E, Rel, W, kg, *args, **kw):
+        seen.append((kg, torch.is_grad_enabled() and kw.get("training", False)))
+        return real(E, Rel, W, kg, *args, **kw)
+
+    monkeypatch.setattr(diffkg_mod, "rgat_forward", recording)
+    # keepRate 1 and rebuild_k 5 so that the denoised KG is visibly non-trivial.
+    res = train(ds, _cfg(keepRate=1.0, rebuild_k=5), log=_quiet)
+    full = KGCSR.from_kg(ds.kg, ds.n_entities, ds.n_relations)
+    full_keys = set(map(tuple, full.to_triplets().tolist()))
+    training_kgs = [kg for kg, tr in seen if tr]
+    steps = -(-ds.train.nnz // 1024)
+    assert len(training_kgs) == 2 * 2 * steps  # two graph forwards per step, two epochs
+    # cl_pattern 0: every step's first forward (view 1, the BPR one) is that epoch's denoised KG.
+    views1 = training_kgs[0::2]
+    for epoch in range(2):
+        kgs = {id(k) for k in views1[epoch * steps:(epoch + 1) * steps]}
+        assert len(kgs) == 1
+        kg = views1[epoch * steps]
+        assert kg.n_edges == res.history[epoch]["kg_edges"] > 0
+        assert set(map(tuple, kg.to_triplets().tolist())) <= full_keys  # a subset, same rels
+    assert views1[0] is not views1[steps]  # a new KG every epoch
+    originals = {id(k) for k in training_kgs[1::2]}
+    assert len(originals) == 1 and training_kgs[1].n_edges != views1[0].n_edges
+    assert res.kg is views1[res.best_epoch * steps]  # the best epoch's KG scores the test
+    h = res.history[0]
+    assert h["time"]["diffusion"] > 0 and h["time"]["rebuild"] > 0
+    assert all(np.isfinite(v) for v in h["loss"].values())
+
+
+def test_ablation_never_calls_the_denoiser(ds, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kw):
+        raise AssertionError("the denoiser ran in the diffusion-free ablation")
+
+    monkeypatch.setattr(Denoiser, "__init__", boom)
+    monkeypatch.setattr(Denoiser, "forward", boom)
+    res = train(ds, _cfg(use_diffusion=False), log=_quiet)
+    assert res.extra["denoiser"] is None
+    assert all(h["time"]["diffusion"] == 0 and h["time"]["rebuild"] == 0 for h in res.history)
+    full = KGCSR.from_kg(ds.kg, ds.n_entities, ds.n_relations)
+    sampled = np.minimum(full.degree.numpy(), 10).sum()
+    assert res.history[0]["kg_edges"] == sampled  # the original, triplet_num-sampled KG
+
+
+def test_same_seed_same_metrics(ds) -> None:
+    a = train(ds, _cfg(), log=_quiet)
+    b = train(ds, _cfg(), log=_quiet)
+    assert a.test == b.test and a.val == b.val
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert [h["kg_edges"] for h in a.history] == [h["kg_edges"] for h in b.history]
+    c = train(ds, _cfg(seed=4), log=_quiet)
+    assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
+
+
+# --------------------------------------------------------------------- selection
+def test_early_stopping_keeps_best_val_epoch_and_tests_once(
+        ds, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])  # best at epoch 1, patience 2 → stop at 3
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def fake(score_fn, users, target, exclude=(), **kw):
+        s = score_fn(torch.arange(3)).clone()
+        if target is ds.test:
+            assert len(exclude) == 2  # train and valid excluded at test time
+            calls.append(("test", s))
+            return {"recall@20": -1.0, "ndcg@20": -1.0}
+        assert target is ds.valid and len(exclude) == 1
+        calls.append(("val", s))
+        return {"recall@20": next(scripted), "ndcg@20": 0.0}
+
+    monkeypatch.setattr(trainer_mod, "ranking_metrics", fake)
+    res = train(ds, _cfg(model="lightgcn", epoch=6, patience=2), log=_quiet)
+    assert len(res.history) == 4 and res.best_epoch == 1
+    assert res.val["recall@20"] == 0.3
+    kinds = [k for k, _ in calls]
+    assert kinds == ["val"] * 4 + ["test"]  # test once, at the end
+    assert torch.equal(calls[-1][1], calls[1][1])  # tested with the best epoch's state
+    assert not torch.equal(calls[-1][1], calls[3][1])
+
+
+def test_mostpop_through_the_trainer(ds) -> None:
+    res = train(ds, _cfg(model="mostpop"), log=_quiet)
+    pop = torch.from_numpy(np.asarray(ds.train.sum(axis=0), dtype=np.float32).ravel())
+    want = ranking_metrics(lambda u: pop.expand(len(u), -1), None, ds.test,
+                           exclude=[ds.train, ds.valid])
+    assert res.test == want and res.best_epoch == 0
+
+
+def test_lightgcn_trains_and_improves_validation(ds) -> None:
+    res = train(ds, _cfg(model="lightgcn", epoch=3, lr=1e-2), log=_quiet)
+    losses = [h["loss"]["bpr"] for h in res.history]
+    assert losses[-1] < losses[0]
+    assert res.history[-1]["val"]["recall@20"] > res.history[0]["val"]["recall@20"]
