@@ -1,4 +1,4 @@
-"""``diffkg-fast`` command line: ``data build``, ``data stats``, ``data export``.
+"""``diffkg-fast`` command line: ``data build|stats|export``, ``train``, ``evaluate``.
 
 Bad input ends with one ``error: …`` line naming the file, line or field, and exit status 2;
 nothing half-written is left (every output is written atomically).
@@ -60,6 +60,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# train / evaluate live in diffkg_fast.train.commands, imported on use: it pulls in torch,
+# which the data commands never need.
+def _cmd_train(args: argparse.Namespace) -> int:
+    from diffkg_fast.train.commands import cmd_train
+    return cmd_train(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffkg_fast.train.commands import cmd_evaluate
+    return cmd_evaluate(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffkg-fast", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +98,28 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=sorted(EXPORTERS))
     e.add_argument("--out", help="output directory (default: FILE's stem + _FORMAT)")
     e.set_defaults(func=_cmd_export)
+
+    t = top.add_parser("train", help="train a model (DiffKG, LightGCN, MostPop) on a dataset")
+    t.add_argument("--data", help="dataset .npz file, or 'synthetic' (the default) for the "
+                                  "built-in cohort; --resume defaults to the run's own")
+    t.add_argument("--config", help="JSON file of config values (YAML is not supported)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config value over the file's, e.g. epoch=10, latdim=32, dims=[256], "
+                        "model=lightgcn (repeatable)")
+    t.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
+    t.add_argument("--out", help="run directory: checkpoint.pt, config.json, log.csv, "
+                                 "data.json (rewritten after every epoch)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same config)")
+    t.set_defaults(func=_cmd_train)
+
+    v = top.add_parser("evaluate", help="metrics of a run's best state")
+    v.add_argument("run_dir", metavar="DIR", help="run directory written by train --out")
+    v.add_argument("--split", choices=("test", "valid"), default="test")
+    v.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    v.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
+    v.add_argument("--device", choices=("cpu", "cuda"), help="overrides the run's device")
+    v.set_defaults(func=_cmd_evaluate)
     return parser
 
 

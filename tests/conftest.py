@@ -20,10 +20,11 @@ def mimic3_demo_dir():
     return bundled_path("mimic3-demo")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """These graphs are tiny: with 2 OpenMP threads on a busy 2-core machine every small op
-    waits at a barrier (measured: 28 s for this file vs 6 s single-threaded)."""
+    """Test graphs are tiny: with 2 OpenMP threads on a busy 2-core machine every small op
+    waits at a barrier (measured: test_ops_attention.py 28 s vs 6 s single-threaded; a 2-epoch
+    training run of tests/test_train.py 14 s vs 3.4 s)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

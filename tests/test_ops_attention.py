@@ -12,8 +12,6 @@ from diffkg_fast.ops.graph import KGCSR
 
 from helpers import assert_close
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def rgat_aggregate_naive(E, Rel, W, kg: KGCSR, normalize: bool = True):
     """Independent oracle: per head, LeakyReLU(([e_h ‖ e_t] @ W) · rel_r), torch.softmax."""

@@ -9,8 +9,6 @@ import torch
 
 from diffkg_fast.ops.graph import KGCSR, is_symmetric, kg_with_inverses, norm_adjacency
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def diffkg_edges(kg: np.ndarray, n_rel: int) -> np.ndarray:
     """DiffKG's own loop: unique sorted triplets, then their inverses, first (h, t) wins."""

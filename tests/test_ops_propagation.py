@@ -12,8 +12,6 @@ from diffkg_fast.ops.propagation import lightgcn_propagate
 
 from helpers import assert_close
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def random_train(u: int, i: int, seed: int) -> sp.csr_matrix:
     rng = np.random.default_rng(seed)

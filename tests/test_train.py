@@ -19,7 +19,8 @@ from diffkg_fast.train import sample_negatives, train
 
 @pytest.fixture(scope="module")
 def ds():
-    return build_dataset("synthetic", n_patients=400, seed=0)
+    # A small vocabulary too (563 entities): the full one (3,573) made this file take 80 s+.
+    return build_dataset("synthetic", n_patients=400, n_diag=300, n_proc=150, n_med=60, seed=0)
 
 
 def _cfg(**kw) -> DiffKGConfig:

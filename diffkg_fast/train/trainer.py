@@ -17,6 +17,10 @@ and validation items excluded). The test split never influences any choice.
 
 Randomness: ``seed_everything(cfg.seed)`` (the denoiser's ``F.dropout`` uses the global RNG) and
 one CPU ``torch.Generator`` per purpose, each seeded from ``cfg.seed``.
+
+Run directory (``out_dir``): after every epoch ``checkpoint.pt``, ``config.json`` and ``log.csv``
+are rewritten atomically (:mod:`diffkg_fast.train.checkpoint`); ``resume=True`` continues from
+the checkpoint and ends bitwise equal to an uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +50,19 @@ from diffkg_fast.ops.diffusion import (
 )
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency
 from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.train.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    check_config,
+    get_rng_state,
+    kg_from_tensor,
+    kg_to_tensor,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    write_config_json,
+    write_log_csv,
+)
 from diffkg_fast.utils.seed import seed_everything
 
 __all__ = ["TrainResult", "sample_negatives", "train"]
@@ -188,7 +206,7 @@ class _Diffusion:
 
 
 def _mostpop(ds: KGDataset, cfg: DiffKGConfig, log: Callable[[str], Any],
-             t_start: float) -> TrainResult:
+             t_start: float, out_dir: Path | None) -> TrainResult:
     model = MostPop(ds.train).to(cfg.device)
     t0 = time.perf_counter()
     val = _evaluate(model, None, ds.valid, [ds.train], cfg)
@@ -197,17 +215,37 @@ def _mostpop(ds: KGDataset, cfg: DiffKGConfig, log: Callable[[str], Any],
     log(f"mostpop val recall@20 {val['recall@20']:.4f} test recall@20 {test['recall@20']:.4f}")
     hist = [{"epoch": 0, "loss": {}, "kg_edges": None, "val": val,
              "time": {p: (t_eval if p == "evaluation" else 0.0) for p in PHASES}}]
+    if out_dir is not None:  # nothing is trained: the checkpoint only records the run
+        write_config_json(out_dir, cfg.to_dict())
+        write_log_csv(out_dir, hist)
+        save_checkpoint(out_dir / CHECKPOINT, {
+            "config": cfg.to_dict(), "epoch": 0, "stopped": True, "history": hist,
+            "best_epoch": 0, "best_state": model.state_dict(), "best_kg": None})
     return TrainResult(cfg.to_dict(), hist, 0, val, test, model, None,
                        time.perf_counter() - t_start)
 
 
-def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print) -> TrainResult:
-    """Train ``cfg.model`` on ``ds``, select on validation, test once (see module docstring)."""
+def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print,
+          out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``ds``, select on validation, test once (see module docstring).
+
+    ``out_dir``: the run directory written after every epoch (``None``: nothing is written).
+    ``resume``: continue from ``out_dir/checkpoint.pt``; a config differing in any key but
+    ``device`` is refused (:class:`~diffkg_fast.train.checkpoint.CheckpointError`).
+    """
     t_start = time.perf_counter()
     cfg.validate()
+    out_dir = None if out_dir is None else Path(out_dir)
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir")
+    # Read (and check) the checkpoint before any work, so a refusal costs nothing.
+    # On the CPU: generator and RNG states must be CPU tensors; load_state_dict moves the rest.
+    ck = load_checkpoint(out_dir / CHECKPOINT) if resume and out_dir else None
+    if ck is not None:
+        check_config(ck["config"], cfg.to_dict(), out_dir / CHECKPOINT)
     seed_everything(cfg.seed)
     if cfg.model == "mostpop":
-        return _mostpop(ds, cfg, log, t_start)
+        return _mostpop(ds, cfg, log, t_start, out_dir)
     if cfg.epoch < 1:
         raise ValueError(f"a trained model needs epoch >= 1, got {cfg.epoch}")
     dev = torch.device(cfg.device)
@@ -232,8 +270,29 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
     key = f"recall@{cfg.topk}"
     history: list[dict[str, Any]] = []
     best_epoch, best_val, best_state, best_kg = -1, None, None, None
-    bad = 0
-    for epoch in range(cfg.epoch):
+    bad, start, stopped = 0, 0, False
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if diffusion is not None:
+            diffusion.denoiser.load_state_dict(ck["denoiser"])
+            diffusion.opt.load_state_dict(ck["denoiser_opt"])
+        if set(ck["generators"]) != set(gens):
+            raise CheckpointError("generator set differs", path=out_dir / CHECKPOINT)
+        for name, g in gens.items():
+            g.set_state(ck["generators"][name])
+        n_rel = 0 if kg_orig is None else kg_orig.n_relations
+        kg_orig = kg_from_tensor(ck["kg_orig"], ds.n_entities, n_rel, dev)
+        history, bad, stopped = ck["history"], ck["bad"], ck["stopped"]
+        best_epoch, best_state = ck["best_epoch"], ck["best_state"]
+        best_val = history[best_epoch]["val"][key]
+        best_kg = kg_from_tensor(ck["best_kg"], ds.n_entities, n_rel, dev)
+        start = ck["epoch"] + 1
+        set_rng_state(ck["rng"])  # last: everything above must not move a global RNG after it
+        log(f"resumed from {out_dir / CHECKPOINT} after epoch {ck['epoch']}")
+    elif out_dir is not None:
+        write_config_json(out_dir, cfg.to_dict())
+    for epoch in range(start, 0 if stopped else cfg.epoch):
         times = dict.fromkeys(PHASES, 0.0)
         losses: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -275,20 +334,34 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         history.append({"epoch": epoch, "loss": losses,
                         "kg_edges": None if kg1 is None else kg1.n_edges,
                         "val": val, "time": times})
-        log(f"epoch {epoch}: loss {losses['total']:.4f} bpr {losses['bpr']:.4f} "
-            f"cl {losses['cl']:.4f} diff {losses.get('diff_loss', float('nan')):.4f} "
-            f"kg_edges {history[-1]['kg_edges']} val {key} {val[key]:.4f} "
-            f"ndcg@{cfg.topk} {val[f'ndcg@{cfg.topk}']:.4f} | "
-            + " ".join(f"{p} {times[p]:.2f}s" for p in PHASES))
+        # RecBole's epoch line first, then the details of this trainer.
+        log(f"epoch {epoch}  train_loss: {losses['total']:.4f}  valid {key}: {val[key]:.4f} "
+            f"ndcg@{cfg.topk}: {val[f'ndcg@{cfg.topk}']:.4f}  ({sum(times.values()):.1f} s)  "
+            f"[bpr {losses['bpr']:.4f} cl {losses['cl']:.4f} "
+            f"diff {losses.get('diff_loss', float('nan')):.4f} "
+            f"kg_edges {history[-1]['kg_edges']} | "
+            + " ".join(f"{p} {times[p]:.2f}s" for p in PHASES) + "]")
         if best_val is None or val[key] > best_val:  # a NaN never beats the first epoch
             best_epoch, best_val, best_kg = epoch, val[key], kg1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bad = 0
         else:
             bad += 1
-            if cfg.patience and bad >= cfg.patience:
-                log(f"early stop after epoch {epoch}: no better val {key} for {bad} epochs")
-                break
+            stopped = bool(cfg.patience and bad >= cfg.patience)
+        if out_dir is not None:
+            write_log_csv(out_dir, history)
+            save_checkpoint(out_dir / CHECKPOINT, {
+                "config": cfg.to_dict(), "epoch": epoch, "stopped": stopped,
+                "history": history, "bad": bad, "best_epoch": best_epoch,
+                "best_state": best_state, "best_kg": kg_to_tensor(best_kg),
+                "model": model.state_dict(), "opt": opt.state_dict(),
+                "denoiser": None if diffusion is None else diffusion.denoiser.state_dict(),
+                "denoiser_opt": None if diffusion is None else diffusion.opt.state_dict(),
+                "generators": {name: g.get_state() for name, g in gens.items()},
+                "kg_orig": kg_to_tensor(kg_orig), "rng": get_rng_state()})
+        if stopped:
+            log(f"early stop after epoch {epoch}: no better val {key} for {bad} epochs")
+            break
     assert best_state is not None
     model.load_state_dict(best_state)
     test = _evaluate(model, best_kg, ds.test, [ds.train, ds.valid], cfg)

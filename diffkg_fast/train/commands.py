@@ -1,0 +1,270 @@
+"""``diffkg-fast train`` and ``diffkg-fast evaluate``: the code behind the two commands.
+
+:mod:`diffkg_fast.cli` only wires argparse to :func:`cmd_train` and :func:`cmd_evaluate`.
+Bad input (unknown or mistyped config key, unreadable file, incompatible checkpoint) raises
+:class:`DataError`, which the CLI prints as one ``error:`` line with exit status 2.
+
+Config precedence: :class:`DiffKGConfig` defaults, then ``--config FILE.json``, then every
+``--set key=value``, then ``--device``. Only JSON config files are read: YAML would need a new
+dependency.
+
+A run directory (``--out DIR``) holds what :func:`diffkg_fast.train.train` writes
+(``checkpoint.pt``, ``config.json``, ``log.csv``) plus ``data.json``: which dataset the run used
+and its fingerprint, so that ``evaluate`` and ``--resume`` find it again and refuse another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffkg_fast.data.build import build_dataset, parse_value
+from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.data.errors import DataError
+from diffkg_fast.eval.ranking import ranking_metrics
+from diffkg_fast.model.config import DiffKGConfig
+from diffkg_fast.model.diffkg import DiffKG, LightGCN, MostPop
+from diffkg_fast.ops.graph import norm_adjacency
+from diffkg_fast.train.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    kg_from_tensor,
+    load_checkpoint,
+)
+from diffkg_fast.train.trainer import KS, train
+from diffkg_fast.utils.io import atomic_write
+
+__all__ = ["DATA_FILE", "cmd_evaluate", "cmd_train", "dataset_fingerprint", "evaluate_run",
+           "format_metrics", "load_data", "parse_sets", "resolve_config"]
+
+DATA_FILE = "data.json"
+SYNTHETIC = "synthetic"
+FORMATS = ("table", "json", "csv")
+
+
+# ------------------------------------------------------------------ config
+def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", …]`` → dict, each value through :func:`parse_value`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"expected key=value, got {pair!r}", field="--set")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
+    """Type-check ``value`` against the field's default (same rules as ``data build --set``)."""
+    def bad(what: str) -> DataError:
+        return DataError(f"expected {what}, got {value!r}", path=where, field=key)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if key == "patience":  # the one Optional field: None means "no early stopping"
+        if value is not None and not is_int(value):
+            raise bad("an integer or none")
+        return value
+    if isinstance(default, list):  # dims: "--set dims=32", "--set dims=[32]" or a JSON list
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad("a list of integers") from None
+        if is_int(value):
+            value = [value]
+        if not isinstance(value, list) or not all(is_int(v) for v in value):
+            raise bad("a list of integers")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if not is_int(value):
+            raise bad("an integer")
+    elif isinstance(default, float):
+        if not (is_int(value) or isinstance(value, float)):
+            raise bad("a number")
+        value = float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def _apply(values: dict[str, Any], merged: dict[str, Any], defaults: dict[str, Any],
+           where: str | None) -> None:
+    for key, value in values.items():
+        if key not in defaults:
+            raise DataError(f"unknown config key; valid keys: {sorted(defaults)}",
+                            path=where, field=key)
+        merged[key] = _coerce(key, value, defaults[key], where)
+
+
+def resolve_config(config_file: str | None = None, sets: dict[str, Any] | None = None,
+                   device: str | None = None) -> DiffKGConfig:
+    """Defaults ← JSON ``config_file`` ← ``sets`` ← ``device``; every key and type checked."""
+    defaults = DiffKGConfig().to_dict()
+    merged = dict(defaults)
+    if config_file is not None:
+        try:
+            loaded = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise DataError(f"cannot read config: {exc.strerror}", path=config_file) from exc
+        except ValueError as exc:
+            raise DataError(f"not valid JSON: {exc}", path=config_file) from exc
+        if not isinstance(loaded, dict):
+            raise DataError("a config file holds one JSON object", path=config_file)
+        _apply(loaded, merged, defaults, config_file)
+    _apply(sets or {}, merged, defaults, None)
+    if device is not None:
+        merged["device"] = device
+    if merged["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("CUDA is not available on this machine", field="device")
+    try:
+        return DiffKGConfig(**merged)
+    except ValueError as exc:  # validate() names the field out of range
+        raise DataError(str(exc), field="config") from exc
+
+
+# ------------------------------------------------------------------ data
+def load_data(spec: str) -> KGDataset:
+    """``"synthetic"`` builds the default synthetic cohort; anything else is a dataset file."""
+    return build_dataset(SYNTHETIC) if spec == SYNTHETIC else KGDataset.load(spec)
+
+
+def dataset_fingerprint(ds: KGDataset) -> str:
+    """SHA-256 of the splits and the KG: what a trained state depends on."""
+    h = hashlib.sha256(f"{ds.n_users}:{ds.n_items}:{ds.n_entities}".encode())
+    for m in (ds.train, ds.valid, ds.test):
+        h.update(np.ascontiguousarray(m.indptr, dtype=np.int64).data)
+        h.update(np.ascontiguousarray(m.indices, dtype=np.int64).data)
+    h.update(np.ascontiguousarray(ds.kg, dtype=np.int64).data)
+    return h.hexdigest()
+
+
+def _run_data(run_dir: Path, override: str | None) -> KGDataset:
+    """The dataset of a run: ``override`` or the one ``data.json`` names, fingerprint checked."""
+    info: dict[str, Any] = {}
+    if (run_dir / DATA_FILE).is_file():
+        info = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8"))
+    spec = override or info.get("data")
+    if spec is None:
+        raise DataError(f"{run_dir / DATA_FILE} is missing: pass --data FILE|synthetic",
+                        field="--data")
+    ds = load_data(spec)
+    if "fingerprint" in info and dataset_fingerprint(ds) != info["fingerprint"]:
+        raise CheckpointError(f"dataset {spec!r} is not the one this run was trained on",
+                              path=run_dir / DATA_FILE)
+    return ds
+
+
+# ------------------------------------------------------------------ output
+def format_metrics(rows: dict[str, dict[str, float]], fmt: str = "table") -> str:
+    """Recall and NDCG @ 10/20/40 of each split: an aligned table, JSON or CSV.
+
+    JSON of a single split is its flat metrics dict (``{"recall@20": …}``); of several, one
+    dict per split.
+    """
+    cols = [f"{m}@{k}" for k in KS for m in ("recall", "ndcg")]
+    if fmt == "json":
+        obj = next(iter(rows.values())) if len(rows) == 1 else rows
+        return json.dumps(obj, indent=2, sort_keys=True)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["split", *cols])
+        for split, m in rows.items():
+            w.writerow([split, *(m.get(c, "") for c in cols)])
+        return buf.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise DataError(f"unknown format; expected one of {FORMATS}", field="--format")
+    lines = [f"{'split':<6}" + "".join(f"{c:>11}" for c in cols)]
+    for split, m in rows.items():
+        lines.append(f"{split:<6}" + "".join(f"{m.get(c, float('nan')):>11.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ evaluate
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None,
+                 device: str | None = None) -> dict[str, float]:
+    """Rank ``split`` with the best state (and its KG) of the checkpoint in ``run_dir``.
+
+    The test split excludes training and validation items, the validation split training
+    items, exactly as the trainer does, so ``split="test"`` reproduces the run's test metrics.
+    """
+    run_dir = Path(run_dir)
+    ck = load_checkpoint(run_dir / CHECKPOINT)
+    cfg_dict = dict(ck["config"])
+    if device is not None:
+        cfg_dict["device"] = device
+    if cfg_dict["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("the run used CUDA, which this machine lacks: pass --device cpu",
+                        field="device")
+    cfg = DiffKGConfig(**cfg_dict)
+    ds = _run_data(run_dir, data)
+    dev = torch.device(cfg.device)
+    model: DiffKG | LightGCN | MostPop
+    n_rel = 2 * ds.n_relations  # the KG with inverses, as the trainer builds it
+    if cfg.model == "mostpop":
+        model = MostPop(ds.train).to(dev)
+    else:
+        adj = norm_adjacency(ds.train, ds.n_users, ds.n_items).to(dev)
+        model = (DiffKG(ds.n_users, ds.n_items, ds.n_entities, n_rel, adj, cfg)
+                 if cfg.model == "diffkg" else LightGCN(ds.n_users, ds.n_items, adj, cfg))
+        try:
+            model.to(dev).load_state_dict(ck["best_state"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint does not fit the dataset: {exc}",
+                                  path=run_dir / CHECKPOINT) from exc
+    kg = kg_from_tensor(ck["best_kg"], ds.n_entities, n_rel, dev)
+    model.eval()
+    target, exclude = (ds.valid, [ds.train]) if split == "valid" else (ds.test,
+                                                                       [ds.train, ds.valid])
+    return ranking_metrics(lambda us: model.score(us, kg), None, target, exclude=exclude,
+                           ks=KS, batch_size=cfg.test_batch, device=cfg.device)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    """``diffkg-fast train``: resolve the config, train (or resume), print the results table."""
+    cfg = resolve_config(args.config, parse_sets(args.set), args.device)
+    out = Path(args.out) if args.out else None
+    if args.resume and out is None:
+        raise DataError("--resume needs --out DIR (the run to continue)", field="--resume")
+    if out is not None and not args.resume and (out / CHECKPOINT).exists():
+        # Never overwrite a run by accident.
+        raise DataError("already holds a run; pass --resume to continue it or choose another "
+                        "--out", path=out)
+    if args.resume:
+        ds = _run_data(out, args.data)
+    else:
+        data = args.data or SYNTHETIC
+        ds = load_data(data)
+        if out is not None:
+            spec = data if data == SYNTHETIC else str(Path(data).resolve())
+            with atomic_write(out / DATA_FILE, "w") as f:
+                json.dump({"data": spec, "fingerprint": dataset_fingerprint(ds)}, f, indent=2)
+    res = train(ds, cfg, log=print, out_dir=out, resume=args.resume)
+    print(f"\nbest epoch {res.best_epoch} ({len(res.history)} epochs, "
+          f"{res.total_time:.1f} s this session)")
+    print(format_metrics({"valid": res.val, "test": res.test}, "table"))
+    if out is not None:
+        print(f"run saved in {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``diffkg-fast evaluate DIR``: metrics of the run's best state on one split."""
+    metrics = evaluate_run(args.run_dir, args.split, args.data, args.device)
+    print(format_metrics({args.split: metrics}, args.format))
+    return 0
