@@ -13,26 +13,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffkg_fast.data.build import SOURCES, build_dataset, parse_value
+from diffkg_fast.data.build import SOURCES, build_dataset, parse_sets
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 
 
-def _parse_sets(pairs: Sequence[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"expected key=value, got {pair!r}", field="--set")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
 def _cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    options = _parse_sets(args.set)
+    options = parse_sets(args.set)
     if args.name:
         options["name"] = args.name
     ds = build_dataset(args.source, args.path, **options)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from diffkg_fast.data.codes import bundled_path
@@ -80,6 +80,17 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", …]`` (``--set`` options) → dict, each value through :func:`parse_value`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"expected key=value, got {pair!r}", field="--set")
+        out[key.strip()] = parse_value(value)
+    return out
 
 
 def build_dataset(

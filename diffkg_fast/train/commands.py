@@ -20,14 +20,13 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffkg_fast.data.build import build_dataset, parse_value
+from diffkg_fast.data.build import build_dataset, parse_sets
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.eval.ranking import ranking_metrics
@@ -52,17 +51,6 @@ FORMATS = ("table", "json", "csv")
 
 
 # ------------------------------------------------------------------ config
-def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", …]`` → dict, each value through :func:`parse_value`."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"expected key=value, got {pair!r}", field="--set")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
 def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
     """Type-check ``value`` against the field's default (same rules as ``data build --set``)."""
     def bad(what: str) -> DataError:
