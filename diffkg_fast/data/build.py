@@ -48,22 +48,31 @@ def _options_of(fn: Callable[..., Any], skip: int) -> dict[str, inspect.Paramete
             and p.name not in _NOT_OPTIONS}
 
 
-def _check_type(key: str, value: Any, param: inspect.Parameter) -> Any:
-    default = param.default
+def check_type(key: str, value: Any, default: Any, path: str | None = None) -> Any:
+    """Type-check an option ``value`` against its ``default`` (bool, int, float or str).
+
+    Shared by ``data build --set`` and ``train --set`` / config files, so both say the same.
+    A float option takes an int (converted); ``None`` on either side is not checked.
+    """
     if default is inspect.Parameter.empty or default is None or value is None:
         return value
+
+    def bad(what: str) -> DataError:
+        return DataError(f"expected {what}, got {value!r}", path=path, field=key)
+
+    is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise DataError(f"expected true or false, got {value!r}", field=key)
+            raise bad("true or false")
     elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"expected an integer, got {value!r}", field=key)
+        if not is_int:
+            raise bad("an integer")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"expected a number, got {value!r}", field=key)
+        if not (is_int or isinstance(value, float)):
+            raise bad("a number")
         value = float(value)
     elif isinstance(default, str) and not isinstance(value, str):
-        raise DataError(f"expected a string, got {value!r}", field=key)
+        raise bad("a string")
     return value
 
 
@@ -107,11 +116,13 @@ def build_dataset(
         if key not in loader_opts and key not in build_opts and not open_ended:
             raise DataError(f"unknown option for source {source!r}; valid options: {valid}",
                             field=key)
-    load_kw = {k: _check_type(k, v, loader_opts[k]) for k, v in options.items() if k in loader_opts}
+    load_kw = {k: check_type(k, v, loader_opts[k].default)
+               for k, v in options.items() if k in loader_opts}
     if open_ended:
         load_kw.update({k: v for k, v in options.items()
                         if k not in loader_opts and k not in build_opts})
-    build_kw = {k: _check_type(k, v, build_opts[k]) for k, v in options.items() if k in build_opts}
+    build_kw = {k: check_type(k, v, build_opts[k].default)
+                for k, v in options.items() if k in build_opts}
     source_stats: dict[str, Any] = {}
     if "stats" in inspect.signature(load).parameters:
         load_kw["stats"] = source_stats

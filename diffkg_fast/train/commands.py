@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffkg_fast.data.build import build_dataset, parse_sets
+from diffkg_fast.data.build import build_dataset, check_type, parse_sets
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.eval.ranking import ranking_metrics
@@ -74,19 +74,7 @@ def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
         if not isinstance(value, list) or not all(is_int(v) for v in value):
             raise bad("a list of integers")
         return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("true or false")
-    elif isinstance(default, int):
-        if not is_int(value):
-            raise bad("an integer")
-    elif isinstance(default, float):
-        if not (is_int(value) or isinstance(value, float)):
-            raise bad("a number")
-        value = float(value)
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise bad("a string")
-    return value
+    return check_type(key, value, default, where)
 
 
 def _apply(values: dict[str, Any], merged: dict[str, Any], defaults: dict[str, Any],
