@@ -45,6 +45,15 @@ def unique_int(keys: np.ndarray) -> np.ndarray:
     return s[np.concatenate(([True], s[1:] != s[:-1]))]
 
 
+def unique_triplets(kg: np.ndarray) -> np.ndarray:
+    """Distinct (h, r, t) rows of an (n, 3) int array, sorted by (h, r, t): the stored KG form."""
+    kg = np.asarray(kg, dtype=np.int64).reshape(-1, 3)
+    if len(kg) < 2:
+        return np.ascontiguousarray(kg)
+    kg = kg[np.lexsort((kg[:, 2], kg[:, 1], kg[:, 0]))]
+    return np.ascontiguousarray(kg[np.concatenate(([True], np.any(kg[1:] != kg[:-1], axis=1)))])
+
+
 def csr_from_keys(keys: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """Binary canonical CSR from sorted, distinct ``row * n_cols + col`` keys."""
     n_rows, n_cols = shape

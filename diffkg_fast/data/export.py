@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from diffkg_fast.data.dataset import SPLITS, KGDataset, to_csr
+from diffkg_fast.data.dataset import SPLITS, KGDataset, to_csr, unique_int, unique_triplets
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.utils.io import atomic_write
 
@@ -124,7 +124,7 @@ def export_triplets(ds: KGDataset, out: Path) -> list[Path]:
     pats.append(coo.row.astype(np.int64))
     ents.append(flat[coo.col])
     p, e = np.concatenate(pats), np.concatenate(ents)
-    key = np.unique(p * FLAT_RANGE * 3 + e)
+    key = unique_int(p * FLAT_RANGE * 3 + e)
     p, e = np.divmod(key, FLAT_RANGE * 3)
     _write_lines(out / "patient_triplets.txt", None, [p, e, np.ones_like(p)])
     h, t = flat[ds.kg[:, 0]], flat[ds.kg[:, 2]]
@@ -210,11 +210,11 @@ def load_recbole(path: str | os.PathLike[str], name: str) -> KGDataset:
     n_users = 1 + max((int(u.max()) for u, _ in parts.values() if len(u)), default=-1)
     n_items = max(len(items), 1 + max((int(i.max()) for _, i in parts.values() if len(i)),
                                       default=-1))
-    kg = np.unique(np.stack([heads, rels, tails], axis=1), axis=0).reshape(-1, 3)
+    kg = unique_triplets(np.stack([heads, rels, tails], axis=1))
     n_entities = max(n_items, 1 + int(max(heads.max(initial=-1), tails.max(initial=-1))))
     ds = KGDataset(
         name=name,
-        kg=kg.astype(np.int64),
+        kg=kg,
         n_entities=n_entities,
         relation_names=relation_names,
         entity_type=(np.arange(n_entities) >= n_items).astype(np.int8),

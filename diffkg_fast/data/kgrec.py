@@ -19,7 +19,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from diffkg_fast.data.dataset import KGDataset, csr_from_keys, unique_int
+from diffkg_fast.data.dataset import KGDataset, csr_from_keys, unique_int, unique_triplets
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.unpickle import SPARSE_GLOBALS, load_plain_pickle
 from diffkg_fast.utils.io import atomic_write
@@ -209,21 +209,15 @@ def _build(
         seen.append((split, uniq))
         mats[split] = csr_from_keys(uniq, shape)
     meta["duplicate_interactions"] = dups
-    kg = triplets
-    n_triplets_raw = len(kg)
-    if len(kg):
-        kg = kg[np.lexsort((kg[:, 2], kg[:, 1], kg[:, 0]))]
-        keep = np.ones(len(kg), dtype=bool)
-        keep[1:] = np.any(kg[1:] != kg[:-1], axis=1)
-        kg = np.ascontiguousarray(kg[keep], dtype=np.int64)
-    meta["duplicate_triplets"] = n_triplets_raw - len(kg)
+    kg = unique_triplets(triplets)
+    meta["duplicate_triplets"] = len(triplets) - len(kg)
     n_rel = int(kg[:, 1].max()) + 1 if len(kg) else 0
     n_ent = max(n_items, int(kg[:, [0, 2]].max()) + 1 if len(kg) else 0)
     entity_type = np.ones(n_ent, dtype=np.int8)
     entity_type[:n_items] = 0
     ds = KGDataset(
         name=name, train=mats["train"], valid=mats["valid"], test=mats["test"],
-        kg=kg.reshape(-1, 3).astype(np.int64, copy=False), n_entities=n_ent,
+        kg=kg, n_entities=n_ent,
         relation_names=[f"r{i}" for i in range(n_rel)], entity_type=entity_type,
         entity_type_names=["item", "entity"], split="given", meta=meta,
     )

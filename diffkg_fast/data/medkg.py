@@ -36,7 +36,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffkg_fast.data import codes as codes_mod
-from diffkg_fast.data.dataset import KGDataset, VisitFeatures, to_csr, unique_int
+from diffkg_fast.data.dataset import (
+    KGDataset,
+    VisitFeatures,
+    to_csr,
+    unique_int,
+    unique_triplets,
+)
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.records import MedicalRecords
 
@@ -246,9 +252,7 @@ def build_medication_dataset(
     if parent_edges:
         pe = np.asarray(parent_edges, dtype=np.int64)
         triplets.append(np.stack([pe[:, 0], np.full(len(pe), 3), pe[:, 1]], axis=1))
-    kg = np.concatenate(triplets).astype(np.int64)
-    kg = kg[np.lexsort((kg[:, 2], kg[:, 1], kg[:, 0]))]
-    kg = kg[np.concatenate(([True], np.any(kg[1:] != kg[:-1], axis=1)))] if len(kg) else kg
+    kg = unique_triplets(np.concatenate(triplets))
 
     visits = VisitFeatures(
         patient=visit_patient,
