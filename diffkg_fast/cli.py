@@ -92,15 +92,27 @@ def make_parser() -> argparse.ArgumentParser:
     t = top.add_parser("train", help="train a model (DiffKG, LightGCN, MostPop) on a dataset")
     t.add_argument("--data", help="dataset .npz file, or 'synthetic' (the default) for the "
                                   "built-in cohort; --resume defaults to the run's own")
-    t.add_argument("--config", help="JSON file of config values (YAML is not supported)")
+    t.add_argument("--preset", metavar="NAME",
+                   help="named hyper-parameter set under the config file: diffkg (Params.py), "
+                        "lastfm, mind, alibaba, medication (default: Params.py defaults)")
+    t.add_argument("--config", help="config values over the preset's: a .yaml/.yml file "
+                                    "(YAML) or any other file (JSON)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config value over the file's, e.g. epoch=10, latdim=32, dims=[256], "
                         "model=lightgcn (repeatable)")
     t.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
     t.add_argument("--out", help="run directory: checkpoint.pt, config.json, log.csv, "
-                                 "data.json (rewritten after every epoch)")
+                                 "curves.png, data.json (rewritten after every epoch)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same config)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="log losses, validation metrics and phase times to --out/tb "
+                        "(needs: pip install 'diffkg-fast[viz]')")
+    t.add_argument("--no-plot", action="store_true",
+                   help="do not redraw --out/curves.png after every epoch")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no per-epoch progress bar (it is never shown when stderr is not a "
+                        "terminal)")
     t.set_defaults(func=_cmd_train)
 
     v = top.add_parser("evaluate", help="metrics of a run's best state")

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from diffkg_fast.ops.graph import norm_adjacency
-from diffkg_fast.ops.propagation import lightgcn_propagate
+from diffkg_fast.ops.graph import norm_adjacency, torch_csr
+from diffkg_fast.ops.propagation import const_spmm, lightgcn_propagate
 
 from helpers import assert_close
 
@@ -95,3 +95,23 @@ def test_backend_choice():
     assert torch.equal(lightgcn_propagate(adj, x, 2, backend="auto"), ref)
     with pytest.raises(ValueError, match="triton"):
         lightgcn_propagate(adj, x, 2, backend="triton")
+
+
+def test_const_spmm_backward_uses_the_given_transpose():
+    rng = np.random.default_rng(3)
+    m = sp.random(9, 6, density=0.3, format="csr", random_state=rng, dtype=np.float64)
+    m[4] = 0  # an empty row
+    a = torch_csr(m, dtype=torch.float64)
+    a_t = torch_csr(m.T, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(9, 5, dtype=torch.float64)
+    (const_spmm(a, x, a_t) * g).sum().backward()
+    xd = x.detach().clone().requires_grad_()
+    ((torch.from_numpy(m.toarray()) @ xd) * g).sum().backward()
+    assert_close(x.grad, xd.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: const_spmm(a, t, a_t), (x.detach().requires_grad_(),))
+    sym = norm_adjacency(random_train(4, 3, 4), 4, 3, dtype=torch.float64)
+    x7 = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: const_spmm(sym, t), (x7,))
+    with torch.no_grad():
+        assert torch.equal(const_spmm(a, x, a_t), torch.sparse.mm(a, x))

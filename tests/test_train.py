@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 import diffkg_fast.model.diffkg as diffkg_mod
+import diffkg_fast.train.evaluation as evaluation_mod
 import diffkg_fast.train.trainer as trainer_mod
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.eval.ranking import ranking_metrics
@@ -139,7 +140,7 @@ def test_early_stopping_keeps_best_val_epoch_and_tests_once(
         calls.append(("val", s))
         return {"recall@20": next(scripted), "ndcg@20": 0.0}
 
-    monkeypatch.setattr(trainer_mod, "ranking_metrics", fake)
+    monkeypatch.setattr(evaluation_mod, "ranking_metrics", fake)
     res = train(ds, _cfg(model="lightgcn", epoch=6, patience=2), log=_quiet)
     assert len(res.history) == 4 and res.best_epoch == 1
     assert res.val["recall@20"] == 0.3

@@ -25,6 +25,10 @@ class DiffKGConfig:
     - ``patience``: stop after this many epochs without a better validation recall@20
       (``None`` or 0: run all ``epoch`` epochs); the best validation epoch is always the one kept;
     - ``denoiser_dropout``: input dropout of the denoiser (DiffKG hard-codes 0.5);
+    - ``patient_codes``: DiffKG represents a patient by its ID embedding PLUS the mean RGAT
+      embedding of its diagnoses and procedures (:mod:`diffkg_fast.model.patients`), so held-out
+      and new patients are ranked from their codes; used when the dataset has visit features
+      (medication datasets), ignored otherwise; ``False`` is DiffKG as published;
     - ``device``: where the model and the graphs live (generators stay on the CPU, so a seed
       gives the same draws on every device).
     """
@@ -58,6 +62,7 @@ class DiffKGConfig:
     topk: int = 20
     denoiser_dropout: float = 0.5
     use_diffusion: bool = True
+    patient_codes: bool = True
     model: str = "diffkg"
     patience: int | None = None
     device: str = "cpu"

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from diffkg_fast.model.config import DiffKGConfig
 from diffkg_fast.ops.attention import rgat_forward
 from diffkg_fast.ops.graph import KGCSR
-from diffkg_fast.ops.propagation import lightgcn_propagate
+from diffkg_fast.ops.propagation import const_spmm, lightgcn_propagate
 
 __all__ = ["DiffKG", "LightGCN", "MostPop", "bpr_loss", "info_nce", "l2_reg", "propagate"]
 
@@ -61,35 +61,18 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     return (torch.logsumexp(z1 @ z2.T, dim=-1) - pos).mean()
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """``A @ X`` for a constant SYMMETRIC sparse ``A``, whose backward is ``A @ G`` again.
-
-    ``torch.sparse.mm``'s own backward builds ``A^T`` as a new CSR at every call: measured
-    30 ms of a 450 ms BPR step (4 calls per step, 2 layers × 2 views) at the default synthetic
-    size on the 2-core CPU. ``norm_adjacency`` is symmetric by construction, so ``A^T = A``.
-    """
-
-    @staticmethod
-    def forward(ctx, adj: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.adj = adj
-        return torch.sparse.mm(adj, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
-        return None, torch.sparse.mm(ctx.adj, grad)
-
-
 def propagate(adj: Tensor, x: Tensor, layers: int) -> Tensor:
     """``sum_{l=0..layers} A^l x`` for the symmetric normalised adjacency ``A``.
 
-    Without gradient this is :func:`~diffkg_fast.ops.propagation.lightgcn_propagate`; with one it
-    uses :class:`_SymmetricSpMM` (same values, a cheaper backward). ``A`` must be symmetric.
+    Without gradient this is :func:`~diffkg_fast.ops.propagation.lightgcn_propagate`; with one
+    it uses :func:`~diffkg_fast.ops.propagation.const_spmm` (same values, a backward that does
+    not rebuild ``A^T``). ``A`` must be symmetric.
     """
     if not (torch.is_grad_enabled() and x.requires_grad) or adj.device.type != "cpu":
         return lightgcn_propagate(adj, x, layers)
     out, cur = x, x
     for _ in range(layers):
-        cur = _SymmetricSpMM.apply(adj, cur)
+        cur = const_spmm(adj, cur)
         out = out + cur
     return out
 
@@ -104,23 +87,31 @@ class _Scorer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._cache: tuple[KGCSR | None, tuple, tuple[Tensor, Tensor]] | None = None
+        self._cache: tuple[KGCSR | None, tuple, tuple[Tensor, ...]] | None = None
 
     def _versions(self) -> tuple:
         return tuple(p._version for p in self.parameters())
 
+    def _outputs(self, kg: KGCSR | None) -> tuple[Tensor, ...]:
+        """Eval-mode tensors the scores need; ``(user_emb, item_emb, …)``."""
+        return tuple(self(kg))
+
     @torch.no_grad()
-    def embeddings(self, kg: KGCSR | None = None) -> tuple[Tensor, Tensor]:
-        """``(user_emb, item_emb)`` of an eval-mode forward (no dropout), cached."""
+    def _cached(self, kg: KGCSR | None) -> tuple[Tensor, ...]:
         versions = self._versions()
         # The graph itself is held (not its id), so a new graph can never alias a dead one.
         if self._cache is None or self._cache[0] is not kg or self._cache[1] != versions:
             was = self.training
             self.eval()
-            emb = self(kg)
+            out = tuple(t.detach() for t in self._outputs(kg))
             self.train(was)
-            self._cache = (kg, versions, (emb[0].detach(), emb[1].detach()))
+            self._cache = (kg, versions, out)
         return self._cache[2]
+
+    def embeddings(self, kg: KGCSR | None = None) -> tuple[Tensor, Tensor]:
+        """``(user_emb, item_emb)`` of an eval-mode forward (no dropout), cached."""
+        out = self._cached(kg)
+        return out[0], out[1]
 
     @torch.no_grad()
     def score(self, users: Tensor, kg: KGCSR | None = None) -> Tensor:
@@ -144,14 +135,25 @@ class DiffKG(_Scorer):
 
     def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
                  adj: Tensor, cfg: DiffKGConfig, generator: torch.Generator | None = None,
-                 ) -> None:
+                 codes: Tensor | None = None) -> None:
         super().__init__()
         if n_items > n_entities:
             raise ValueError(f"n_items={n_items} > n_entities={n_entities}")
+        if codes is not None and tuple(codes.shape) != (n_users, n_entities):
+            raise ValueError(f"codes must be {n_users} x {n_entities}, got {tuple(codes.shape)}")
         d = cfg.latdim
         self.n_users, self.n_items, self.n_entities = n_users, n_items, n_entities
         self.cfg = cfg
         self.adj = adj
+        self.codes = codes
+        # Built once: torch.sparse.mm's backward would rebuild the transpose at every step.
+        self.codes_t = None if codes is None else codes.t().to_sparse_csr()
+        # Users with no training interaction (held-out patients of the visit split) are isolated
+        # in `adj`: their propagated ID embedding is the untrained initial one, so it is masked.
+        ij = adj.to_sparse_coo().coalesce().indices()
+        linked = torch.zeros(n_users, dtype=torch.bool, device=ij.device)
+        linked[ij[0][(ij[0] != ij[1]) & (ij[0] < n_users)]] = True  # an off-diagonal entry
+        self.register_buffer("has_train", linked.float().unsqueeze(1), persistent=False)
         self.user = nn.Parameter(torch.empty(n_users, d))
         self.entity = nn.Parameter(torch.empty(n_entities, d))
         self.relation = nn.Parameter(torch.empty(n_relations, d))
@@ -162,9 +164,9 @@ class DiffKG(_Scorer):
             nn.init.xavier_uniform_(self.W, gain=nn.init.calculate_gain("relu"),
                                     generator=generator)
 
-    def forward(self, kg: KGCSR | None, generator: torch.Generator | None = None,
-                ) -> tuple[Tensor, Tensor]:
-        """``(user_emb U × d, item_emb I × d)`` through the KG ``kg`` (dropout if training)."""
+    def encode(self, kg: KGCSR | None, generator: torch.Generator | None = None,
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(propagated users U × d, propagated items I × d, RGAT entity table N × d)``."""
         if kg is None:
             raise ValueError("DiffKG needs a KG for every forward")
         ent = rgat_forward(self.entity, self.relation, self.W, kg, self.cfg.layer_num_kg,
@@ -172,18 +174,73 @@ class DiffKG(_Scorer):
                            training=self.training, generator=generator)
         x = torch.cat([self.user, ent[: self.n_items]])
         out = propagate(self.adj, x, self.cfg.gnn_layer)
-        return out[: self.n_users], out[self.n_users:]
+        return out[: self.n_users], out[self.n_users:], ent
+
+    def users_from(self, u_prop: Tensor, ent: Tensor, codes: Tensor | None) -> Tensor:
+        """User vectors: ``has_train * u_prop + codes @ ent`` (no code term without codes)."""
+        u = u_prop * self.has_train.to(u_prop.dtype)
+        if codes is None:
+            return u
+        return u + const_spmm(codes, ent, self.codes_t if codes is self.codes else codes.t())
+
+    def forward(self, kg: KGCSR | None, generator: torch.Generator | None = None,
+                ) -> tuple[Tensor, Tensor]:
+        """``(user_emb U × d, item_emb I × d)`` through the KG ``kg`` (dropout if training).
+
+        With patient codes (:mod:`~diffkg_fast.model.patients`) a user is its propagated ID
+        embedding plus the mean RGAT embedding of its training diagnoses and procedures.
+        """
+        u_prop, items, ent = self.encode(kg, generator)
+        return self.users_from(u_prop, ent, self.codes), items
+
+    def _outputs(self, kg: KGCSR | None) -> tuple[Tensor, ...]:
+        u_prop, items, ent = self.encode(kg)
+        return self.users_from(u_prop, ent, self.codes), items, u_prop, ent
+
+    @torch.no_grad()
+    def code_users(self, codes: Tensor, kg: KGCSR | None, users: Tensor | None = None,
+                   ) -> Tensor:
+        """``B × d`` vectors of ``B`` patients given by code rows (``B × n_entities`` CSR).
+
+        ``users`` (B,) adds each row's propagated ID embedding (masked for users without
+        training interactions): a known patient plus its codes; ``None``: codes only.
+        """
+        _, _, u_prop, ent = self._cached(kg)
+        u = torch.sparse.mm(codes.to(ent.device), ent)
+        if users is not None:
+            users = users.to(u.device)
+            u = u + u_prop[users] * self.has_train[users]
+        return u
+
+    @torch.no_grad()
+    def score_codes(self, codes: Tensor, kg: KGCSR | None, users: Tensor | None = None,
+                    ) -> Tensor:
+        """``B × n_items`` scores of the patients of :meth:`code_users`."""
+        return self.code_users(codes, kg, users) @ self._cached(kg)[1].T
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor, kg1: KGCSR, kg2: KGCSR,
              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         """BPR on view 1 (``kg1``) + L2 + ``ssl_reg`` InfoNCE between view 1 and view 2 (``kg2``)
         over the batch's users and positive items. Two graph forwards (one when ``ssl_reg=0``).
+
+        With patient codes, a second BPR term ranks with the code representation ALONE, so that
+        a patient known only by codes (held out, or new) is ranked by a trained vector.
         """
-        u1, i1 = self(kg1, generator)
+        u_prop, i1, ent = self.encode(kg1, generator)
+        u1 = self.users_from(u_prop, ent, None)
+        c = None
+        if self.codes is not None:
+            c = const_spmm(self.codes, ent, self.codes_t)
+            u1 = u1 + c
         bpr = bpr_loss(u1[users], i1[pos], i1[neg])
+        parts = {"bpr": float(bpr.detach())}
+        if c is not None:
+            code_bpr = bpr_loss(c[users], i1[pos], i1[neg])
+            bpr = bpr + code_bpr
+            parts["code_bpr"] = float(code_bpr.detach())
         reg = l2_reg(self.parameters(), self.cfg.reg)
         total = bpr + reg
-        parts = {"bpr": float(bpr.detach()), "reg": float(reg.detach()), "cl": 0.0}
+        parts.update(reg=float(reg.detach()), cl=0.0)
         if self.cfg.ssl_reg > 0:
             u2, i2 = self(kg2, generator)
             cl = (info_nce(u1, u2, users, self.cfg.temp)

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-__all__ = ["KGCSR", "is_symmetric", "kg_with_inverses", "norm_adjacency"]
+__all__ = ["KGCSR", "is_symmetric", "kg_with_inverses", "norm_adjacency", "torch_csr"]
 
 
 def kg_with_inverses(kg: np.ndarray, n_relations: int) -> np.ndarray:
@@ -206,17 +206,25 @@ def norm_adjacency(
     dinv = 1.0 / np.sqrt(deg)
     rows = np.repeat(np.arange(n), np.diff(a.indptr))
     vals = dinv[rows] * a.data * dinv[a.indices]
+    return torch_csr(sp.csr_matrix((vals, a.indices, a.indptr), shape=(n, n)), dtype=dtype)
+
+
+def torch_csr(m: sp.spmatrix, device: torch.device | str | None = None, *,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """A scipy matrix as a torch sparse CSR tensor (int64 indices, sorted columns)."""
+    m = sp.csr_matrix(m)
+    m.sort_indices()
     with warnings.catch_warnings():
         # Construction of a CSR tensor warns once that the layout is "beta"; it is what
         # torch.sparse.mm and cuSPARSE take natively, and the warning carries no information.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            torch.from_numpy(a.indptr.astype(np.int64)),
-            torch.from_numpy(a.indices.astype(np.int64)),
-            torch.from_numpy(vals).to(dtype),
-            size=(n, n),
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data).to(dtype),
+            size=m.shape,
             check_invariants=False,
-        )
+        ).to(device)
 
 
 def is_symmetric(adj: Tensor, atol: float = 0.0) -> bool:

@@ -4,9 +4,10 @@
 Bad input (unknown or mistyped config key, unreadable file, incompatible checkpoint) raises
 :class:`DataError`, which the CLI prints as one ``error:`` line with exit status 2.
 
-Config precedence: :class:`DiffKGConfig` defaults, then ``--config FILE.json``, then every
-``--set key=value``, then ``--device``. Only JSON config files are read: YAML would need a new
-dependency.
+Config precedence (:mod:`diffkg_fast.train.config_io`): :class:`DiffKGConfig` defaults, then
+``--preset NAME`` (:mod:`diffkg_fast.model.presets`), then ``--config FILE`` (``.yaml``/``.yml``
+read as YAML, anything else as JSON), then every ``--set key=value``, then ``--device``.
+Progress bars, ``curves.png`` and TensorBoard logs come from :mod:`diffkg_fast.train.report`.
 
 A run directory (``--out DIR``) holds what :func:`diffkg_fast.train.train` writes
 (``checkpoint.pt``, ``config.json``, ``log.csv``) plus ``data.json``: which dataset the run used
@@ -26,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffkg_fast.data.build import build_dataset, check_type, parse_sets
+from diffkg_fast.data.build import build_dataset, parse_sets
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.eval.ranking import ranking_metrics
 from diffkg_fast.model.config import DiffKGConfig
 from diffkg_fast.model.diffkg import DiffKG, LightGCN, MostPop
 from diffkg_fast.ops.graph import norm_adjacency
@@ -39,7 +39,10 @@ from diffkg_fast.train.checkpoint import (
     kg_from_tensor,
     load_checkpoint,
 )
-from diffkg_fast.train.trainer import KS, train
+from diffkg_fast.train.config_io import resolve_config
+from diffkg_fast.train.evaluation import KS, evaluate_split
+from diffkg_fast.train.report import RunReporter
+from diffkg_fast.train.trainer import patient_codes, train
 from diffkg_fast.utils.io import atomic_write
 
 __all__ = ["DATA_FILE", "cmd_evaluate", "cmd_train", "dataset_fingerprint", "evaluate_run",
@@ -48,68 +51,6 @@ __all__ = ["DATA_FILE", "cmd_evaluate", "cmd_train", "dataset_fingerprint", "eva
 DATA_FILE = "data.json"
 SYNTHETIC = "synthetic"
 FORMATS = ("table", "json", "csv")
-
-
-# ------------------------------------------------------------------ config
-def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
-    """Type-check ``value`` against the field's default (same rules as ``data build --set``)."""
-    def bad(what: str) -> DataError:
-        return DataError(f"expected {what}, got {value!r}", path=where, field=key)
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if key == "patience":  # the one Optional field: None means "no early stopping"
-        if value is not None and not is_int(value):
-            raise bad("an integer or none")
-        return value
-    if isinstance(default, list):  # dims: "--set dims=32", "--set dims=[32]" or a JSON list
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise bad("a list of integers") from None
-        if is_int(value):
-            value = [value]
-        if not isinstance(value, list) or not all(is_int(v) for v in value):
-            raise bad("a list of integers")
-        return value
-    return check_type(key, value, default, where)
-
-
-def _apply(values: dict[str, Any], merged: dict[str, Any], defaults: dict[str, Any],
-           where: str | None) -> None:
-    for key, value in values.items():
-        if key not in defaults:
-            raise DataError(f"unknown config key; valid keys: {sorted(defaults)}",
-                            path=where, field=key)
-        merged[key] = _coerce(key, value, defaults[key], where)
-
-
-def resolve_config(config_file: str | None = None, sets: dict[str, Any] | None = None,
-                   device: str | None = None) -> DiffKGConfig:
-    """Defaults ← JSON ``config_file`` ← ``sets`` ← ``device``; every key and type checked."""
-    defaults = DiffKGConfig().to_dict()
-    merged = dict(defaults)
-    if config_file is not None:
-        try:
-            loaded = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise DataError(f"cannot read config: {exc.strerror}", path=config_file) from exc
-        except ValueError as exc:
-            raise DataError(f"not valid JSON: {exc}", path=config_file) from exc
-        if not isinstance(loaded, dict):
-            raise DataError("a config file holds one JSON object", path=config_file)
-        _apply(loaded, merged, defaults, config_file)
-    _apply(sets or {}, merged, defaults, None)
-    if device is not None:
-        merged["device"] = device
-    if merged["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise DataError("CUDA is not available on this machine", field="device")
-    try:
-        return DiffKGConfig(**merged)
-    except ValueError as exc:  # validate() names the field out of range
-        raise DataError(str(exc), field="config") from exc
 
 
 # ------------------------------------------------------------------ data
@@ -195,7 +136,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
         model = MostPop(ds.train).to(dev)
     else:
         adj = norm_adjacency(ds.train, ds.n_users, ds.n_items).to(dev)
-        model = (DiffKG(ds.n_users, ds.n_items, ds.n_entities, n_rel, adj, cfg)
+        model = (DiffKG(ds.n_users, ds.n_items, ds.n_entities, n_rel, adj, cfg,
+                        codes=patient_codes(ds, cfg))
                  if cfg.model == "diffkg" else LightGCN(ds.n_users, ds.n_items, adj, cfg))
         try:
             model.to(dev).load_state_dict(ck["best_state"])
@@ -203,24 +145,28 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
             raise CheckpointError(f"checkpoint does not fit the dataset: {exc}",
                                   path=run_dir / CHECKPOINT) from exc
     kg = kg_from_tensor(ck["best_kg"], ds.n_entities, n_rel, dev)
-    model.eval()
-    target, exclude = (ds.valid, [ds.train]) if split == "valid" else (ds.test,
-                                                                       [ds.train, ds.valid])
-    return ranking_metrics(lambda us: model.score(us, kg), None, target, exclude=exclude,
-                           ks=KS, batch_size=cfg.test_batch, device=cfg.device)
+    return evaluate_split(model, kg, ds, split, batch_size=cfg.test_batch, device=cfg.device)
 
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
     """``diffkg-fast train``: resolve the config, train (or resume), print the results table."""
-    cfg = resolve_config(args.config, parse_sets(args.set), args.device)
+    cfg = resolve_config(args.config, parse_sets(args.set), args.device, args.preset)
     out = Path(args.out) if args.out else None
     if args.resume and out is None:
         raise DataError("--resume needs --out DIR (the run to continue)", field="--resume")
+    if args.tensorboard and out is None:  # the event files need a folder to go to
+        raise DataError("--tensorboard needs --out DIR (logs go to DIR/tb)",
+                        field="--tensorboard")
     if out is not None and not args.resume and (out / CHECKPOINT).exists():
         # Never overwrite a run by accident.
         raise DataError("already holds a run; pass --resume to continue it or choose another "
                         "--out", path=out)
+    # Built before any work so that a missing tensorboard package is refused up front; it
+    # writes nothing until the first epoch ends. Without --out there is no folder for
+    # curves.png or tb/: no reporter at all.
+    reporter = (None if out is None else
+                RunReporter(out, tensorboard=args.tensorboard, plot=not args.no_plot))
     if args.resume:
         ds = _run_data(out, args.data)
     else:
@@ -229,8 +175,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if out is not None:
             spec = data if data == SYNTHETIC else str(Path(data).resolve())
             with atomic_write(out / DATA_FILE, "w") as f:
-                json.dump({"data": spec, "fingerprint": dataset_fingerprint(ds)}, f, indent=2)
-    res = train(ds, cfg, log=print, out_dir=out, resume=args.resume)
+                json.dump({"data": spec, "fingerprint": dataset_fingerprint(ds),
+                           "preset": args.preset}, f, indent=2)
+    try:
+        res = train(ds, cfg, log=print, out_dir=out, resume=args.resume,
+                    progress=not args.no_progress, reporter=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
     print(f"\nbest epoch {res.best_epoch} ({len(res.history)} epochs, "
           f"{res.total_time:.1f} s this session)")
     print(format_metrics({"valid": res.val, "test": res.test}, "table"))

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from diffkg_fast.data.dataset import KGDataset
-from diffkg_fast.eval.ranking import ranking_metrics
 from diffkg_fast.model.config import DiffKGConfig
 from diffkg_fast.model.diffkg import DiffKG, LightGCN, MostPop
+from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.diffusion import (
     Denoiser,
     DiffusionSchedule,
@@ -48,7 +48,7 @@ from diffkg_fast.ops.diffusion import (
     kg_rows,
     sample_topk,
 )
-from diffkg_fast.ops.graph import KGCSR, norm_adjacency
+from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
 from diffkg_fast.train.checkpoint import (
     CHECKPOINT,
@@ -63,11 +63,13 @@ from diffkg_fast.train.checkpoint import (
     write_config_json,
     write_log_csv,
 )
+from diffkg_fast.train.evaluation import evaluate_split
+from diffkg_fast.train.report import RunReporter
+from diffkg_fast.train.report import progress as progress_bar
 from diffkg_fast.utils.seed import seed_everything
 
 __all__ = ["TrainResult", "sample_negatives", "train"]
 
-KS = (10, 20, 40)
 PHASES = ("diffusion", "rebuild", "recommender", "evaluation")
 _GENERATORS = ("init", "neighbours", "dropout", "diffusion", "rebuild", "negatives", "shuffle")
 
@@ -137,19 +139,20 @@ def _interactions(train: sp.spmatrix) -> tuple[Tensor, Tensor, Tensor]:
 
 def _sparse_t(train: sp.spmatrix, device: torch.device) -> Tensor:
     """``R^T`` (I × U) binary float32 torch sparse CSR, for ``R^T U_emb`` once per pass."""
-    rt = sp.csr_matrix((sp.csr_matrix(train) != 0).T.astype(np.float32))
-    rt.sort_indices()
-    return torch.sparse_csr_tensor(torch.from_numpy(rt.indptr.astype(np.int64)),
-                                   torch.from_numpy(rt.indices.astype(np.int64)),
-                                   torch.from_numpy(rt.data), size=rt.shape,
-                                   check_invariants=False).to(device)
+    return torch_csr((sp.csr_matrix(train) != 0).T.astype(np.float32), device)
 
 
-def _evaluate(model: nn.Module, kg: KGCSR | None, target: sp.spmatrix,
-              exclude: list[sp.spmatrix], cfg: DiffKGConfig) -> dict[str, float]:
-    model.eval()
-    return ranking_metrics(lambda us: model.score(us, kg), None, target, exclude=exclude,
-                           ks=KS, batch_size=cfg.test_batch, device=cfg.device)
+def _evaluate(model: nn.Module, kg: KGCSR | None, ds: KGDataset, split: str,
+              cfg: DiffKGConfig) -> dict[str, float]:
+    return evaluate_split(model, kg, ds, split, batch_size=cfg.test_batch, device=cfg.device)
+
+
+def patient_codes(ds: KGDataset, cfg: DiffKGConfig) -> Tensor | None:
+    """The training code matrix of DiffKG's patients, or ``None`` (disabled / no visits)."""
+    if cfg.model != "diffkg" or not cfg.patient_codes or ds.visits is None:
+        return None
+    return torch_csr(patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,)),
+                     cfg.device)
 
 
 class _Diffusion:
@@ -168,8 +171,9 @@ class _Diffusion:
         self.rt = _sparse_t(ds.train, dev)
         self.rows = torch.arange(ds.n_entities, device=dev)
 
-    def train_pass(self, model: DiffKG) -> dict[str, float]:
-        """One pass over every entity row (shuffled); returns the mean loss parts."""
+    def train_pass(self, model: DiffKG, limit: int | None = None) -> dict[str, float]:
+        """One pass over every entity row (shuffled; the first ``limit`` batches only, for
+        benchmarks); returns the mean loss parts."""
         cfg, kg = self.cfg, self.kg
         self.denoiser.train()
         with torch.no_grad():
@@ -179,6 +183,8 @@ class _Diffusion:
         sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
         n_batches = 0
         for start in range(0, kg.n_entities, cfg.batch):
+            if limit is not None and n_batches >= limit:
+                break
             rows = perm[start:start + cfg.batch]
             x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
             t, noise = draw_timesteps_noise(x0, cfg.steps, self.gens["diffusion"])
@@ -193,15 +199,18 @@ class _Diffusion:
             n_batches += 1
         return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
-    def rebuild(self) -> KGCSR:
-        """The denoised KG of this epoch (a subset of the original edges, with their relations)."""
+    def rebuild(self, limit: int | None = None) -> KGCSR:
+        """The denoised KG of this epoch (a subset of the original edges, with their relations).
+
+        ``limit`` (benchmarks): denoise only the first ``limit`` batches of rows."""
         cfg, kg = self.cfg, self.kg
         self.denoiser.eval()
-        _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, self.rows, self.schedule,
+        rows = self.rows if limit is None else self.rows[:limit * cfg.batch]
+        _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows, self.schedule,
                              cfg.rebuild_k, batch_size=cfg.batch,
                              sampling_steps=cfg.sampling_steps, generator=self.gens["rebuild"])
         h, t, rel = rebuild_kg(idx, (kg.row, kg.col, kg.rel), cfg.keepRate,
-                               self.gens["rebuild"], rows=self.rows, n_entities=kg.n_entities)
+                               self.gens["rebuild"], rows=rows, n_entities=kg.n_entities)
         return KGCSR.from_triplets(torch.stack((h, rel, t), 1), kg.n_entities, kg.n_relations)
 
 
@@ -209,9 +218,9 @@ def _mostpop(ds: KGDataset, cfg: DiffKGConfig, log: Callable[[str], Any],
              t_start: float, out_dir: Path | None) -> TrainResult:
     model = MostPop(ds.train).to(cfg.device)
     t0 = time.perf_counter()
-    val = _evaluate(model, None, ds.valid, [ds.train], cfg)
+    val = _evaluate(model, None, ds, "valid", cfg)
     t_eval = time.perf_counter() - t0
-    test = _evaluate(model, None, ds.test, [ds.train, ds.valid], cfg)
+    test = _evaluate(model, None, ds, "test", cfg)
     log(f"mostpop val recall@20 {val['recall@20']:.4f} test recall@20 {test['recall@20']:.4f}")
     hist = [{"epoch": 0, "loss": {}, "kg_edges": None, "val": val,
              "time": {p: (t_eval if p == "evaluation" else 0.0) for p in PHASES}}]
@@ -226,15 +235,24 @@ def _mostpop(ds: KGDataset, cfg: DiffKGConfig, log: Callable[[str], Any],
 
 
 def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print,
-          out_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+          out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
+          reporter: RunReporter | None = None,
+          limit_batches: int | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``ds``, select on validation, test once (see module docstring).
 
     ``out_dir``: the run directory written after every epoch (``None``: nothing is written).
     ``resume``: continue from ``out_dir/checkpoint.pt``; a config differing in any key but
     ``device`` is refused (:class:`~diffkg_fast.train.checkpoint.CheckpointError`).
+    ``progress``: a progress bar (stderr, TTY only) over the recommender batches of an epoch.
+    ``reporter``: given the history after every epoch (plot, TensorBoard). Neither changes a
+    result: both only observe.
+    ``limit_batches``: benchmarks only: at most this many diffusion batches, rebuild batches and
+    recommender steps per epoch (evaluation stays complete); ``None`` = all.
     """
     t_start = time.perf_counter()
     cfg.validate()
+    if limit_batches is not None and limit_batches < 1:
+        raise ValueError(f"limit_batches must be >= 1 or None, got {limit_batches}")
     out_dir = None if out_dir is None else Path(out_dir)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir")
@@ -245,7 +263,10 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         check_config(ck["config"], cfg.to_dict(), out_dir / CHECKPOINT)
     seed_everything(cfg.seed)
     if cfg.model == "mostpop":
-        return _mostpop(ds, cfg, log, t_start, out_dir)
+        res = _mostpop(ds, cfg, log, t_start, out_dir)
+        if reporter is not None:
+            reporter.epoch_end(res.history)
+        return res
     if cfg.epoch < 1:
         raise ValueError(f"a trained model needs epoch >= 1, got {cfg.epoch}")
     dev = torch.device(cfg.device)
@@ -260,7 +281,7 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         # The attention edge set is sampled once at model build, as DiffKG does.
         kg_orig = kg_full.sample_neighbours(cfg.triplet_num, gens["neighbours"])
         model = DiffKG(ds.n_users, ds.n_items, ds.n_entities, kg_full.n_relations, adj, cfg,
-                       generator=gens["init"]).to(dev)
+                       generator=gens["init"], codes=patient_codes(ds, cfg)).to(dev)
         if cfg.use_diffusion:
             diffusion = _Diffusion(ds, cfg, kg_full, gens, dev)
     else:
@@ -302,10 +323,10 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         kg_den = kg_orig
         if diffusion is not None:
             t0 = time.perf_counter()
-            losses.update(diffusion.train_pass(model))
+            losses.update(diffusion.train_pass(model, limit_batches))
             times["diffusion"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            kg_den = diffusion.rebuild()
+            kg_den = diffusion.rebuild(limit_batches)
             times["rebuild"] = time.perf_counter() - t0
         kg1, kg2 = (kg_den, kg_orig) if cfg.cl_pattern == 0 else (kg_orig, kg_den)
 
@@ -314,7 +335,8 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         perm = torch.randperm(users.numel(), generator=gens["shuffle"])
         sums = {"total": 0.0, "bpr": 0.0, "reg": 0.0, "cl": 0.0}
         n_steps = 0
-        for start in range(0, users.numel(), cfg.batch):
+        batches = range(0, users.numel(), cfg.batch)[:limit_batches]
+        for start in progress_bar(batches, len(batches), f"epoch {epoch}", progress):
             b = perm[start:start + cfg.batch]
             loss, parts = model.loss(users[b].to(dev), items[b].to(dev), neg[b].to(dev),
                                      kg1, kg2, gens["dropout"])
@@ -323,17 +345,19 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
             opt.step()
             sums["total"] += float(loss.detach())
             for k, v in parts.items():
-                sums[k] += v
+                sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
         losses.update({k: v / max(n_steps, 1) for k, v in sums.items()})
         times["recommender"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        val = _evaluate(model, kg1, ds.valid, [ds.train], cfg)
+        val = _evaluate(model, kg1, ds, "valid", cfg)
         times["evaluation"] = time.perf_counter() - t0
         history.append({"epoch": epoch, "loss": losses,
                         "kg_edges": None if kg1 is None else kg1.n_edges,
                         "val": val, "time": times})
+        if reporter is not None:
+            reporter.epoch_end(history)
         # RecBole's epoch line first, then the details of this trainer.
         log(f"epoch {epoch}  train_loss: {losses['total']:.4f}  valid {key}: {val[key]:.4f} "
             f"ndcg@{cfg.topk}: {val[f'ndcg@{cfg.topk}']:.4f}  ({sum(times.values()):.1f} s)  "
@@ -364,7 +388,7 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
             break
     assert best_state is not None
     model.load_state_dict(best_state)
-    test = _evaluate(model, best_kg, ds.test, [ds.train, ds.valid], cfg)
+    test = _evaluate(model, best_kg, ds, "test", cfg)
     log(f"best epoch {best_epoch}: val {key} {history[best_epoch]['val'][key]:.4f} "
         f"test {key} {test[key]:.4f} ndcg@{cfg.topk} {test[f'ndcg@{cfg.topk}']:.4f}")
     return TrainResult(cfg.to_dict(), history, best_epoch, history[best_epoch]["val"], test,

@@ -1,0 +1,41 @@
+"""Named hyper-parameter sets for ``diffkg-fast train --preset NAME``.
+
+DiffKG's published runs differ from ``Params.py`` by a handful of flags per dataset
+(``shared/reference/diffkg-reference.md``, "Defaults (Params.py)"). Keeping them here, under a
+name, lets a run say *which* published setting it reproduces instead of repeating eight
+``--set`` flags that are easy to get subtly wrong. A preset holds only the keys it changes:
+everything else stays the :class:`~diffkg_fast.model.config.DiffKGConfig` default, and a config
+file or ``--set`` still overrides it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffkg_fast.data.errors import DataError
+
+__all__ = ["PRESETS", "preset"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Params.py as it is: the same as passing no preset.
+    "diffkg": {},
+    "lastfm": {"reg": 1e-5, "mess_dropout_rate": 0.2, "layer_num_kg": 2, "res_lambda": 0.0,
+               "triplet_num": -1, "cl_pattern": 1, "keepRate": 0.1, "e_loss": 0.01},
+    "mind": {"e_loss": 0.1, "temp": 1.0, "ssl_reg": 1.0, "mess_dropout_rate": 0.2,
+             "res_lambda": 1.0},
+    "alibaba": {"reg": 1e-6, "epoch": 50, "ssl_reg": 1.0, "temp": 1.0},
+    # filled in by the medication experiments (README "Results")
+    "medication": {},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The config values of preset ``name`` (a copy: callers may change it freely).
+
+    An unknown name is a :class:`DataError` listing the valid ones, so a typo on the command
+    line ends as one ``error:`` line instead of silently training with the defaults.
+    """
+    if name not in PRESETS:
+        raise DataError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}",
+                        field="--preset")
+    return {k: list(v) if isinstance(v, list) else v for k, v in PRESETS[name].items()}
