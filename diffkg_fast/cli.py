@@ -1,4 +1,5 @@
-"""``diffkg-fast`` command line: ``data build|stats|export``, ``train``, ``evaluate``.
+"""``diffkg-fast`` command line: ``data build|stats|export``, ``train``, ``evaluate``,
+``recommend``.
 
 Bad input ends with one ``error: …`` line naming the file, line or field, and exit status 2;
 nothing half-written is left (every output is written atomically).
@@ -62,6 +63,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return cmd_evaluate(args)
 
 
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from diffkg_fast.train.recommend import cmd_recommend
+    return cmd_recommend(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffkg-fast", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
                                   "built-in cohort; --resume defaults to the run's own")
     t.add_argument("--preset", metavar="NAME",
                    help="named hyper-parameter set under the config file: diffkg (Params.py), "
-                        "lastfm, mind, alibaba, medication (default: Params.py defaults)")
+                        "lastfm, mind, alibaba, medication (default: medication for data with "
+                        "visits, diffkg otherwise)")
     t.add_argument("--config", help="config values over the preset's: a .yaml/.yml file "
                                     "(YAML) or any other file (JSON)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -122,6 +129,22 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
     v.add_argument("--device", choices=("cpu", "cuda"), help="overrides the run's device")
     v.set_defaults(func=_cmd_evaluate)
+
+    r = top.add_parser("recommend", help="top medications of a run for codes and/or a patient")
+    r.add_argument("run_dir", metavar="DIR", help="run directory written by train --out")
+    r.add_argument("--diagnoses", metavar="CODES",
+                   help="comma-separated ICD-9 diagnosis codes, plain (4019) or full "
+                        "(ICD9DX:4019)")
+    r.add_argument("--procedures", metavar="CODES",
+                   help="comma-separated ICD-9 procedure codes, plain (3893) or full")
+    r.add_argument("--patient", type=int, metavar="ID",
+                   help="the patient's row in the dataset (0 … n_users-1): its training codes "
+                        "and ID embedding join the codes; its training medications are flagged")
+    r.add_argument("--top", type=int, metavar="N", help="list length (default 10)")
+    r.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    r.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
+    r.add_argument("--device", choices=("cpu", "cuda"), help="overrides the run's device")
+    r.set_defaults(func=_cmd_recommend)
     return parser
 
 

@@ -106,3 +106,21 @@ def test_config_precedence_and_file_errors(tmp_path) -> None:
     path.write_text("{latdim: 8")
     with pytest.raises(ValueError, match="not valid JSON"):
         resolve_config(str(path))
+
+
+def test_medication_data_defaults_to_the_medication_preset(data_file, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_file), *TINY, "--out", str(out)]) == 0
+    assert "preset medication (the default for this data" in capsys.readouterr().out
+    assert json.loads((out / "data.json").read_text())["preset"] == "medication"
+    saved = json.loads((out / "config.json").read_text())
+    # epoch comes from --set; everything else the preset leaves at Params.py's value.
+    assert saved["ssl_reg"] == 0.1 and saved["epoch"] == 2
+    # --resume resolves the run's own preset again, so the config check passes.
+    assert main(["train", "--resume", "--out", str(out), *TINY]) == 0
+    # An explicit preset is used and recorded as given.
+    out2 = tmp_path / "run2"
+    assert main(["train", "--data", str(data_file), "--preset", "mind", *TINY,
+                 "--set", "epoch=1", "--out", str(out2)]) == 0
+    assert json.loads((out2 / "data.json").read_text())["preset"] == "mind"
+    assert json.loads((out2 / "config.json").read_text())["ssl_reg"] == 1.0
