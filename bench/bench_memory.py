@@ -1,0 +1,263 @@
+"""Benchmark: peak memory of DiffKG training on the CPU at Alibaba-iFashion's shape (< 8 GiB).
+
+Run ``OMP_NUM_THREADS=1 pytest bench/bench_memory.py --benchmark-only -s``.
+
+The graph: Alibaba-iFashion as DiffKG uses it has 114,737 users, 30,040 items, 89,196 entities,
+~558k KG triplets and 1,781,093 interactions; DiffKG's public code densifies the
+entity x entity matrix on the host (89,196^2 float64 = 63.6 GB). The synthetic medication builder
+reaches that shape with the ``alibaba`` cohort preset plus more codes (44,000 diagnoses + 15,156
+procedures, so 30,040 + 59,156 = 89,196 entities; synthetic drugs have no ATC classes) and a
+slightly lower ``med_scale`` (1,781,611 interactions), and with the co-occurrence thresholds
+``cooc_min_count=4``, ``cooc_top_k_code=15`` (558,924 triplets; the defaults give 404k). No
+hand-made KG is needed.
+
+How it is measured: the dataset is built and saved in this process (``dataset_build_s`` and
+``dataset_save_s`` are reported apart); a FRESH child process (``subprocess``,
+``OMP_NUM_THREADS=1``) loads it and runs ``train`` for 1 epoch with the ``Params.py`` defaults.
+Peak memory is the child's peak RSS (``VmHWM``). The child resets its high-water mark
+(``/proc/self/clear_refs``) at each phase boundary, so every phase reports its own peak
+(including what is already resident); the overall peak is their maximum (``ru_maxrss`` of a child
+also carries the forking parent's peak, hence not used).
+
+Work is limited with ``limit_batches=LIMIT`` only. Measured on one core of the CI machine: a
+diffusion step (5 GEMMs of 1,024 x 89,196 x 1,000 and the B x E element-wise work) ~35 s, a
+rebuild batch (10 such GEMMs) ~49 s, a recommender step ~15 s: the complete epoch (88 + 88
+batches, 1,382 recommender steps) would take ~8 hours. Every limited loop repeats the same shapes
+batch after batch, so its memory is that of one batch once the optimiser state exists (after the
+first step); 2 steps reach that steady state. Validation and the final test ranking stay
+complete (every user row is scored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.data.medkg import build_medication_dataset
+from diffkg_fast.data.synthetic import synthetic_records_scaled
+from diffkg_fast.model import DiffKGConfig
+
+ALIBABA = {"n_users": 114_737, "n_items": 30_040, "n_entities": 89_196}
+COHORT = {"n_diag": 44_000, "n_proc": 15_156, "med_scale": 0.2485}  # over the "alibaba" preset
+KG_OPTIONS = {"cooc_min_count": 4, "cooc_top_k_code": 15}
+LIMIT = 2
+BUDGET_GIB = 8.0
+CHILD_TIMEOUT_S = 1800
+MIB = 2**20
+
+_CHILD = r"""
+import json, sys, time
+t_start = time.perf_counter()
+import torch
+torch.set_num_threads(1)
+import diffkg_fast.train.trainer as tr
+from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.model import DiffKGConfig
+
+
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+phases = []
+cur = {"name": "interpreter + imports", "t": t_start}
+can_reset = True
+
+
+def mark(name):
+    # Close the current phase (its peak RSS, RSS at its end, seconds) and open `name`.
+    global can_reset
+    now = time.perf_counter()
+    phases.append({"phase": cur["name"], "peak_mb": status_mb("VmHWM"),
+                   "rss_end_mb": status_mb("VmRSS"), "s": now - cur["t"]})
+    can_reset = reset_peak() and can_reset
+    cur["name"], cur["t"] = name, time.perf_counter()
+
+
+def wrap(owner, attr, before, after=None):
+    real = getattr(owner, attr)
+
+    def inner(*args, **kw):
+        mark(before() if callable(before) else before)
+        out = real(*args, **kw)
+        if after:
+            mark(after)
+        return out
+
+    setattr(owner, attr, inner)
+
+
+evals = iter(["validation ranking (all users)", "test ranking (all users)"])
+wrap(tr, "sample_negatives", "negative sampling")
+wrap(tr._Diffusion, "train_pass", "diffusion training")
+wrap(tr._Diffusion, "rebuild", "rebuild", after="recommender steps")
+wrap(tr, "_evaluate", lambda: next(evals))
+
+mark("load dataset")
+ds = KGDataset.load(sys.argv[1])
+mark("train set-up (graphs, model, denoiser, optimisers)")
+cfg = DiffKGConfig(epoch=1)
+t0 = time.perf_counter()
+res = tr.train(ds, cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
+               limit_batches=int(sys.argv[2]))
+train_s = time.perf_counter() - t0
+mark("end")
+den = res.extra["denoiser"]
+print(json.dumps({
+    "phases": phases,
+    "can_reset_peak": can_reset,
+    "train_s": train_s,
+    "time": res.history[0]["time"],
+    "kg_edges": res.history[0]["kg_edges"],
+    "val_users": res.val.get("n_users"),
+    "model_params": sum(p.numel() for p in res.model.parameters()),
+    "denoiser_params": sum(p.numel() for p in den.parameters()),
+    "torch": torch.__version__,
+}))
+"""
+
+
+def alibaba_shaped(seed: int = 0) -> KGDataset:
+    """The synthetic medication dataset of Alibaba-iFashion's shape (module docstring)."""
+    rec = synthetic_records_scaled("alibaba", seed=seed, **COHORT)
+    return build_medication_dataset(rec, seed=seed, name="alibaba-shaped", **KG_OPTIONS)
+
+
+def expected_sizes_mb(ds: KGDataset, cfg: DiffKGConfig, model_params: int,
+                      denoiser_params: int) -> dict[str, float]:
+    """Where the memory should go: the big tensors, computed from the shapes (float32)."""
+    B, E, U, n_i = cfg.batch, ds.n_entities, ds.n_users, ds.n_items
+    f32 = 4 / MIB
+    return {
+        # [W_x | W_e] (hidden x (E + emb)) and W_out (E x hidden), plus biases.
+        "denoiser_params": denoiser_params * f32,
+        "denoiser_grads": denoiser_params * f32,
+        "denoiser_adam_moments": 2 * denoiser_params * f32,
+        "recommender_params_grads_adam": 4 * model_params * f32,
+        # One dense B x E block (KG rows x0, the noise, x_t, the dropout output, x0_hat and its
+        # gradient are each one such block in a diffusion step; rebuild holds a few per step).
+        "dense_kg_row_block_BxE": B * E * f32,
+        # InfoNCE logits of one step: B x U (users) + B x I (items); logsumexp's backward holds
+        # a second copy of each.
+        "infonce_logits_user_BxU": B * U * f32,
+        "infonce_logits_item_BxI": B * n_i * f32,
+        "eval_scores_block_test_batch_x_I": cfg.test_batch * n_i * f32,
+        "kg_csr_with_inverses": 2 * ds.n_triplets * 3 * 8 / MIB,
+        "public_code_dense_ExE_float64": E * E * 8 / MIB,
+    }
+
+
+def _fmt_phases(phases: list[dict[str, Any]]) -> str:
+    lines = [f"{'phase':<52}{'peak RSS':>12}{'RSS at end':>12}{'seconds':>10}",
+             "-" * 86]
+    for p in phases:
+        lines.append(f"{p['phase']:<52}{p['peak_mb']:>9.0f} MB{p['rss_end_mb']:>9.0f} MB"
+                     f"{p['s']:>10.1f}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.benchmark(group="memory_alibaba_shape")
+def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path) -> None:
+    t = time.perf_counter()
+    ds = alibaba_shaped()
+    build_s = time.perf_counter() - t
+    assert (ds.n_users, ds.n_items, ds.n_entities) == (
+        ALIBABA["n_users"], ALIBABA["n_items"], ALIBABA["n_entities"])
+    n_inter = int(ds.train.nnz + ds.valid.nnz + ds.test.nnz)
+    assert abs(ds.n_triplets - 558_000) < 0.01 * 558_000, ds.n_triplets
+    assert abs(n_inter - 1_781_093) < 0.01 * 1_781_093, n_inter
+    path = tmp_path / "alibaba-shaped.npz"
+    t = time.perf_counter()
+    ds.save(path)
+    save_s = time.perf_counter() - t
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    holder: dict[str, Any] = {}
+
+    def run_child() -> None:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(LIMIT)], env=env,
+                             capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        holder["process_s"] = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-4000:]}")
+        holder["res"] = json.loads(out.stdout.strip().splitlines()[-1])
+        holder["log"] = out.stderr.strip().splitlines()
+
+    benchmark.pedantic(run_child, rounds=1, iterations=1)
+    res = holder["res"]
+    phases = res["phases"]
+    peak_mb = max(p["peak_mb"] for p in phases)
+    top = max(phases, key=lambda p: p["peak_mb"])
+    cfg = DiffKGConfig(epoch=1)
+    expected = expected_sizes_mb(ds, cfg, res["model_params"], res["denoiser_params"])
+    info = {
+        "dataset": {"users": ds.n_users, "items": ds.n_items, "entities": ds.n_entities,
+                    "triplets": ds.n_triplets, "interactions": n_inter,
+                    "train_interactions": int(ds.train.nnz), "cohort": COHORT,
+                    "kg_options": KG_OPTIONS},
+        "dataset_build_s": round(build_s, 1),
+        "dataset_save_s": round(save_s, 1),
+        "limit_batches": LIMIT,
+        "limit_note": (f"diffusion and rebuild ran {LIMIT} of {-(-ds.n_entities // cfg.batch)} "
+                       f"batches, recommender {LIMIT} of {-(-ds.train.nnz // cfg.batch)} steps;"
+                       " validation and test ranking complete"),
+        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_gib": round(peak_mb / 1024, 3),
+        "peak_phase": top["phase"],
+        "budget_gib": BUDGET_GIB,
+        "per_phase": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in p.items()}
+                      for p in phases],
+        "per_phase_peaks_exact": res["can_reset_peak"],
+        "phase_s": {k: round(v, 1) for k, v in res["time"].items()},
+        "child_process_s": round(holder["process_s"], 1),
+        "model_params": res["model_params"],
+        "denoiser_params": res["denoiser_params"],
+        "expected_mb": {k: round(v, 1) for k, v in expected.items()},
+        "threads": 1,
+    }
+    benchmark.extra_info.update(info)
+    print(f"\nAlibaba-iFashion-shaped dataset: {ds.n_users:,} users, {ds.n_items:,} items, "
+          f"{ds.n_entities:,} entities, {ds.n_triplets:,} triplets, {n_inter:,} interactions; "
+          f"built in {build_s:.1f} s, saved in {save_s:.1f} s")
+    print(f"child: 1 epoch, limit_batches={LIMIT} ({info['limit_note']}), "
+          f"{holder['process_s']:.0f} s; trainer phases: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in res["time"].items()))
+    print(_fmt_phases(phases))
+    print(f"PEAK RSS {peak_mb:,.0f} MB = {peak_mb / 1024:.2f} GiB (in: {top['phase']}); "
+          f"budget {BUDGET_GIB} GiB; per-phase peaks exact: {res['can_reset_peak']}")
+    print("expected big tensors (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in expected.items()))
+    for line in holder["log"]:
+        if line.startswith(("epoch", "best")):
+            print("  trainer: " + line)
+    assert peak_mb < BUDGET_GIB * 1024, info
