@@ -50,11 +50,8 @@ _ROWS: list[dict[str, Any]] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_table():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_table(one_thread):
     yield
-    torch.set_num_threads(n)
     if _ROWS:
         print("\n" + format_table(_ROWS))
 

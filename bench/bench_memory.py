@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.medkg import build_medication_dataset
@@ -178,15 +177,8 @@ def _fmt_phases(phases: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.benchmark(group="memory_alibaba_shape")
+@pytest.mark.usefixtures("one_thread")
 def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path) -> None:
     t = time.perf_counter()
     ds = alibaba_shaped()
