@@ -4,8 +4,13 @@
 
     ent        = RGAT(E, Rel, W; kg)                       (layer_num_kg layers, res_lambda)
     [u ; i]    = sum_{l=0..L} A^l [U ; ent[:n_items]]       (LightGCN, A = D^-1/2 (A+I) D^-1/2)
-    y_ui       = <u, i>
-    loss       = BPR(view 1) + reg sum ||theta||^2 + ssl_reg (InfoNCE_users + InfoNCE_items)
+    u'         = has_train * u + C ent                      (C: row-mean patient codes, optional)
+    y_ui       = <u', i>
+    loss       = BPR(u') [+ BPR(C ent)] + reg sum ||theta||^2
+                 + ssl_reg (InfoNCE_users + InfoNCE_items)
+
+The code term ``C ent`` (:mod:`diffkg_fast.model.patients`) is this package's extension: without
+``codes`` the model is DiffKG as published.
 
 The KG is an argument of every forward, never a model attribute: the trainer passes the denoised
 KG of the current epoch (upstream issue #10 is the bug of passing it in the wrong slot).
@@ -131,6 +136,9 @@ class DiffKG(_Scorer):
         cfg: hyper-parameters (``latdim``, ``gnn_layer``, ``layer_num_kg``, ``res_lambda``,
             ``mess_dropout_rate``, ``reg``, ``ssl_reg``, ``temp``).
         generator: RNG of the Xavier initialisation.
+        codes: ``U × n_entities`` row-mean CSR of each patient's TRAINING codes
+            (:func:`~diffkg_fast.model.patients.patient_code_matrix`), on the model's device;
+            ``None``: DiffKG as published (ID embeddings only).
     """
 
     def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
