@@ -25,7 +25,7 @@ __all__ = ["CURVES", "TB_DIR", "VIZ_HINT", "RunReporter", "plot_curves", "progre
 CURVES = "curves.png"
 TB_DIR = "tb"
 VIZ_HINT = "pip install 'diffkg-fast[viz]'"
-LOSS_KEYS = ("total", "bpr", "cl", "diff_loss")
+LOSS_KEYS = ("total", "bpr", "code_bpr", "cl", "diff_loss")
 VAL_KEYS = ("recall@10", "recall@20", "recall@40", "ndcg@20")
 
 T = TypeVar("T")

@@ -361,7 +361,9 @@ def train(ds: KGDataset, cfg: DiffKGConfig, *, log: Callable[[str], Any] = print
         # RecBole's epoch line first, then the details of this trainer.
         log(f"epoch {epoch}  train_loss: {losses['total']:.4f}  valid {key}: {val[key]:.4f} "
             f"ndcg@{cfg.topk}: {val[f'ndcg@{cfg.topk}']:.4f}  ({sum(times.values()):.1f} s)  "
-            f"[bpr {losses['bpr']:.4f} cl {losses['cl']:.4f} "
+            f"[bpr {losses['bpr']:.4f} "
+            + (f"code_bpr {losses['code_bpr']:.4f} " if "code_bpr" in losses else "")
+            + f"cl {losses['cl']:.4f} "
             f"diff {losses.get('diff_loss', float('nan')):.4f} "
             f"kg_edges {history[-1]['kg_edges']} | "
             + " ".join(f"{p} {times[p]:.2f}s" for p in PHASES) + "]")
