@@ -17,11 +17,13 @@ from diffkg_fast.ops.diffusion import (
 from diffkg_fast.ops.graph import KGCSR, is_symmetric, kg_with_inverses, norm_adjacency
 from diffkg_fast.ops.propagation import lightgcn_propagate
 from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.ops.spmm import csr_spmm
 
 __all__ = [
     "KGCSR",
     "Denoiser",
     "DiffusionSchedule",
+    "csr_spmm",
     "diffusion_loss",
     "is_symmetric",
     "kg_rows",

@@ -18,15 +18,28 @@ BACKENDS = ("reference", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
+# (op, backend) -> predicate: "auto" considers that backend only while it returns True (a
+# compiled extension that "auto" must not build on first use, only use once it is loaded).
+_AUTO_IF: dict[tuple[str, str], Callable[[], bool]] = {}
 
 
-def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``."""
+def register(
+    op: str, backend: str, *, auto_if: Callable[[], bool] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``.
+
+    ``auto_if``: "auto" picks this backend only while ``auto_if()`` is true (default: always);
+    forcing ``backend=`` by name ignores it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _REGISTRY.setdefault(op, {})[backend] = fn
+        if auto_if is None:
+            _AUTO_IF.pop((op, backend), None)
+        else:
+            _AUTO_IF[(op, backend)] = auto_if
         return fn
 
     return deco
@@ -42,7 +55,7 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Callable[..., 
     kind = torch.device(device).type
     if backend == "auto":
         for name in _AUTO_ORDER.get(kind, ("reference",)):
-            if name in impls:
+            if name in impls and ((op, name) not in _AUTO_IF or _AUTO_IF[(op, name)]()):
                 return impls[name]
         raise ValueError(f"op {op!r} has no implementation for device {kind!r}")
     if backend not in impls:
@@ -52,4 +65,6 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Callable[..., 
         )
     if backend in ("triton", "cuda") and kind != "cuda":
         raise ValueError(f"backend {backend!r} of op {op!r} needs a CUDA tensor, got {kind!r}")
+    if backend == "cpu" and kind != "cpu":
+        raise ValueError(f"backend 'cpu' of op {op!r} needs a CPU tensor, got {kind!r}")
     return impls[backend]

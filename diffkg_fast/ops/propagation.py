@@ -8,6 +8,10 @@ and node table ``X`` (N × d)::
 DiffKG sums (does not average) the layers, layer 0 included. The reference runs ``L`` SpMMs with
 ``torch.sparse.mm`` (cuSPARSE on a GPU); the gradient reaches ``X`` only (``A`` is a constant of
 the data): ``dL/dX = sum_l (A^T)^l G``, which equals ``sum_l A^l G`` since ``A`` is symmetric.
+
+The ``"cpu"`` (and ``"cuda"``) backend, registered by :mod:`diffkg_fast.ops.spmm`, runs the whole
+sum as one fused C++ op (``torch.ops.diffkg_fast.csr_propagate``, csrc/); ``"auto"`` takes it
+once the extension is loaded in the process.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""Loading the C++ extension of ``csrc/`` (the ``torch.ops.diffkg_fast`` ops).
+
+Two ways in, tried in order:
+
+1. ahead of time: ``setup.py`` built ``diffkg_fast._C`` (``pip install --no-build-isolation``
+   with torch importable at build time); importing it registers the ops;
+2. just in time: the first call compiles ``csrc/spmm.cpp`` and ``csrc/cpu/spmm_cpu.cpp`` with
+   ``torch.utils.cpp_extension.load`` (g++ and ninja, cached under ``TORCH_EXTENSIONS_DIR``,
+   default ``~/.cache/torch_extensions``; rebuilt only when a source changes).
+
+The sources are found next to the package: ``diffkg_fast/csrc`` when installed from a wheel
+(``setup.py`` copies them there as package data), else the checkout's ``csrc/`` (editable
+install). Without a compiler or ninja, :func:`load_extension` raises a :class:`RuntimeError`
+saying what to install; the ``reference`` backend of every op keeps working without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["extension_loaded", "load_extension", "source_dir"]
+
+_SOURCES = ("spmm.cpp", "cpu/spmm_cpu.cpp")
+_JIT_NAME = "diffkg_fast_cpu"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def extension_loaded() -> bool:
+    """Whether the ops are registered in this process (never builds anything). "auto" asks at
+    every call; a loaded library stays loaded, so a yes is remembered."""
+    if _STATE.get("loaded"):
+        return True
+    if _registered():
+        _STATE["loaded"] = True
+        return True
+    return False
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.diffkg_fast.csr_spmm  # noqa: B018 (attribute lookup raises when absent)
+    except (AttributeError, RuntimeError):
+        return False
+    # The schema alone is not enough: the CPU kernel must be registered too.
+    return torch._C._dispatch_has_kernel_for_dispatch_key("diffkg_fast::csr_spmm", "CPU")
+
+
+def source_dir() -> Path:
+    """The folder holding ``spmm.cpp`` and ``cpu/``: packaged copy first, then the checkout."""
+    pkg = Path(__file__).resolve().parents[1]
+    for cand in (pkg / "csrc", pkg.parent / "csrc"):
+        if all((cand / s).is_file() for s in _SOURCES):
+            return cand
+    raise RuntimeError(
+        f"the C++ sources of diffkg_fast are missing (looked in {pkg / 'csrc'} and "
+        f"{pkg.parent / 'csrc'}); reinstall the package or use backend='reference'"
+    )
+
+
+def _check_toolchain() -> None:
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    missing = []
+    try:
+        cxx = get_cxx_compiler()
+    except Exception:  # torch raises when no compiler answers
+        cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r} not found: `apt-get install g++`, or set CXX)")
+    if not is_ninja_available():
+        missing.append("ninja (`pip install ninja`)")
+    if missing:
+        raise RuntimeError(
+            "building the diffkg_fast CPU extension needs " + " and ".join(missing)
+            + "; or use backend='reference', which needs no compiler"
+        )
+
+
+def load_extension(verbose: bool = False) -> bool:
+    """Register ``torch.ops.diffkg_fast.*`` in this process; ``True`` once done.
+
+    Builds the extension on first use when no ahead-of-time build is installed (one line on
+    stderr says so). Raises :class:`RuntimeError` when it cannot be built (the message says what
+    to install) and re-raises that same error on later calls without retrying.
+    """
+    if _registered():
+        return True
+    with _LOCK:
+        if _registered():
+            return True
+        if "error" in _STATE:
+            raise RuntimeError(str(_STATE["error"]))
+        try:
+            importlib.import_module("diffkg_fast._C")
+        except ImportError:
+            pass
+        if _registered():
+            _STATE["how"] = "aot"
+            return True
+        try:
+            _jit_build(verbose)
+        except RuntimeError as exc:
+            _STATE["error"] = str(exc)
+            raise
+        _STATE["how"] = "jit"
+        return True
+
+
+def _build_dir() -> Path | None:
+    try:  # private helper of torch's JIT loader: where load() keeps this extension's build
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(_JIT_NAME, verbose=False))
+    except Exception:
+        return None
+
+
+def _up_to_date(src: Path) -> bool:
+    """Whether a built library newer than every source exists (load() then only loads it):
+    the progress line is printed only when a compile is coming."""
+    d = _build_dir()
+    if d is None:
+        return False
+    libs = list(d.glob(f"{_JIT_NAME}*.so"))
+    newest_src = max((src / s).stat().st_mtime for s in _SOURCES)
+    return any(lib.stat().st_mtime >= newest_src for lib in libs)
+
+
+def _jit_build(verbose: bool) -> None:
+    _check_toolchain()
+    src = source_dir()
+    from torch.utils.cpp_extension import load
+
+    if verbose or not _up_to_date(src):
+        print("building the diffkg_fast CPU extension (once, ~30-60 s; cached in "
+              f"{_build_dir() or 'TORCH_EXTENSIONS_DIR'})...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        load(
+            name=_JIT_NAME,
+            sources=[str(src / s) for s in _SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
+        raise RuntimeError(f"building the diffkg_fast CPU extension failed: {exc}") from exc
+    if verbose:
+        print(f"diffkg_fast CPU extension ready in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+    if not _registered():
+        raise RuntimeError("the diffkg_fast CPU extension loaded but registered no CPU kernel")
