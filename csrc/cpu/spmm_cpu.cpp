@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../spmm_checks.h"
+
 namespace diffkg_fast {
 namespace {
 
@@ -159,20 +161,7 @@ void check_inputs(const char* op, const at::Tensor& rowptr, const at::Tensor& co
                   x.device().is_cpu(),
               op, ": rowptr, col, val and x must all be CPU tensors, got ", rowptr.device(), ", ",
               col.device(), ", ", val.device(), ", ", x.device());
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.dim() == 1 && rowptr.numel() >= 1,
-              op, ": rowptr must be a 1-D int64 tensor of n_rows + 1 offsets, got ",
-              rowptr.scalar_type(), " of shape ", rowptr.sizes());
-  TORCH_CHECK(col.scalar_type() == at::kLong && col.dim() == 1, op,
-              ": col must be a 1-D int64 tensor, got ", col.scalar_type(), " of shape ",
-              col.sizes());
-  TORCH_CHECK(val.dim() == 1 && val.numel() == col.numel(), op,
-              ": val must be 1-D with one value per entry of col (", col.numel(), "), got shape ",
-              val.sizes());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (n_cols, d), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(val.scalar_type() == x.scalar_type(), op, ": val (", val.scalar_type(),
-              ") and x (", x.scalar_type(), ") must have the same dtype");
+  check_spmm_args(op, rowptr, col, val, x);
 }
 
 // rowptr non-decreasing within [0, nnz], every col in [0, n_cols): one pass over the indices,

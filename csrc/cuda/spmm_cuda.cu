@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../spmm_checks.h"
 #include "spmm_kernels.cuh"
 
 namespace diffkg_fast {
@@ -33,21 +34,7 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
               " like rowptr, got ", val.device());
   TORCH_CHECK(x.device() == rowptr.device(), op, ": x must be on ", rowptr.device(),
               " like rowptr, got ", x.device());
-  // Same wording as the CPU kernel's checks (csrc/cpu/spmm_cpu.cpp).
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.dim() == 1 && rowptr.numel() >= 1,
-              op, ": rowptr must be a 1-D int64 tensor of n_rows + 1 offsets, got ",
-              rowptr.scalar_type(), " of shape ", rowptr.sizes());
-  TORCH_CHECK(col.scalar_type() == at::kLong && col.dim() == 1, op,
-              ": col must be a 1-D int64 tensor, got ", col.scalar_type(), " of shape ",
-              col.sizes());
-  TORCH_CHECK(val.dim() == 1 && val.numel() == col.numel(), op,
-              ": val must be 1-D with one value per entry of col (", col.numel(), "), got shape ",
-              val.sizes());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (n_cols, d), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(val.scalar_type() == x.scalar_type(), op, ": val (", val.scalar_type(),
-              ") and x (", x.scalar_type(), ") must have the same dtype");
+  check_spmm_args(op, rowptr, col, val, x);  // shared with the CPU kernel
   // One block per 8 rows: the grid's x-dimension limit is 2^31 - 1 blocks.
   const int64_t n_rows = rowptr.numel() - 1;
   TORCH_CHECK(n_rows / cuda::kWarpsPerBlock < std::numeric_limits<int32_t>::max(), op,
