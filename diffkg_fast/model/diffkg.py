@@ -184,12 +184,14 @@ class DiffKG(_Scorer):
         out = propagate(self.adj, x, self.cfg.gnn_layer)
         return out[: self.n_users], out[self.n_users:], ent
 
-    def users_from(self, u_prop: Tensor, ent: Tensor, codes: Tensor | None) -> Tensor:
-        """User vectors: ``has_train * u_prop + codes @ ent`` (no code term without codes)."""
+    def _code_term(self, ent: Tensor) -> Tensor | None:
+        """``C @ ent`` for the training code matrix ``C`` (``None`` without patient codes)."""
+        return None if self.codes is None else const_spmm(self.codes, ent, self.codes_t)
+
+    def _users(self, u_prop: Tensor, code_term: Tensor | None) -> Tensor:
+        """User vectors: ``has_train * u_prop`` plus the code term when there is one."""
         u = u_prop * self.has_train.to(u_prop.dtype)
-        if codes is None:
-            return u
-        return u + const_spmm(codes, ent, self.codes_t if codes is self.codes else codes.t())
+        return u if code_term is None else u + code_term
 
     def forward(self, kg: KGCSR | None, generator: torch.Generator | None = None,
                 ) -> tuple[Tensor, Tensor]:
@@ -199,11 +201,11 @@ class DiffKG(_Scorer):
         embedding plus the mean RGAT embedding of its training diagnoses and procedures.
         """
         u_prop, items, ent = self.encode(kg, generator)
-        return self.users_from(u_prop, ent, self.codes), items
+        return self._users(u_prop, self._code_term(ent)), items
 
     def _outputs(self, kg: KGCSR | None) -> tuple[Tensor, ...]:
         u_prop, items, ent = self.encode(kg)
-        return self.users_from(u_prop, ent, self.codes), items, u_prop, ent
+        return self._users(u_prop, self._code_term(ent)), items, u_prop, ent
 
     @torch.no_grad()
     def code_users(self, codes: Tensor, kg: KGCSR | None, users: Tensor | None = None,
@@ -235,11 +237,8 @@ class DiffKG(_Scorer):
         a patient known only by codes (held out, or new) is ranked by a trained vector.
         """
         u_prop, i1, ent = self.encode(kg1, generator)
-        u1 = self.users_from(u_prop, ent, None)
-        c = None
-        if self.codes is not None:
-            c = const_spmm(self.codes, ent, self.codes_t)
-            u1 = u1 + c
+        c = self._code_term(ent)
+        u1 = self._users(u_prop, c)
         bpr = bpr_loss(u1[users], i1[pos], i1[neg])
         parts = {"bpr": float(bpr.detach())}
         if c is not None:

@@ -75,8 +75,9 @@ def dataset_fingerprint(ds: KGDataset) -> str:
     return h.hexdigest()
 
 
-def _run_data(run_dir: Path, override: str | None) -> KGDataset:
-    """The dataset of a run: ``override`` or the one ``data.json`` names, fingerprint checked."""
+def _run_info(run_dir: Path, override: str | None) -> tuple[KGDataset, dict[str, Any]]:
+    """The dataset of a run (``override`` or the one ``data.json`` names, fingerprint checked)
+    and the run's ``data.json`` (empty when it has none)."""
     info: dict[str, Any] = {}
     if (run_dir / DATA_FILE).is_file():
         info = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8"))
@@ -88,7 +89,7 @@ def _run_data(run_dir: Path, override: str | None) -> KGDataset:
     if "fingerprint" in info and dataset_fingerprint(ds) != info["fingerprint"]:
         raise CheckpointError(f"dataset {spec!r} is not the one this run was trained on",
                               path=run_dir / DATA_FILE)
-    return ds
+    return ds, info
 
 
 # ------------------------------------------------------------------ output
@@ -156,7 +157,7 @@ def load_run(run_dir: str | Path, data: str | None = None,
         raise DataError("the run used CUDA, which this machine lacks: pass --device cpu",
                         field="device")
     cfg = DiffKGConfig(**cfg_dict)
-    ds = _run_data(run_dir, data)
+    ds, _ = _run_info(run_dir, data)
     dev = torch.device(cfg.device)
     model: DiffKG | LightGCN | MostPop
     n_rel = 2 * ds.n_relations  # the KG with inverses, as the trainer builds it
@@ -213,11 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     reporter = (None if out is None else
                 RunReporter(out, tensorboard=args.tensorboard, plot=not args.no_plot))
     if args.resume:
-        ds = _run_data(out, args.data)
-        info = out / DATA_FILE
-        stored = (json.loads(info.read_text(encoding="utf-8")).get("preset")
-                  if info.is_file() else None)
-        name = args.preset or stored or default_preset(ds)
+        ds, info = _run_info(out, args.data)
+        name = args.preset or info.get("preset") or default_preset(ds)
         cfg = resolve_config(args.config, sets, args.device, name)
     else:
         data = args.data or SYNTHETIC
