@@ -25,7 +25,8 @@ def _extension():
         from torch.utils import cpp_extension as ce
     except ImportError:  # build isolation: no torch, no ahead-of-time build
         return {}
-    sources = ["csrc/spmm.cpp", "csrc/cpu/spmm_cpu.cpp"]
+    sources = ["csrc/spmm.cpp", "csrc/cpu/spmm_cpu.cpp", "csrc/attention.cpp",
+               "csrc/cpu/attention_cpu.cpp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and ce.CUDA_HOME is not None
     kwargs = dict(

@@ -1,9 +1,17 @@
-"""Shared fixtures: every test is seeded; paths of the bundled data."""
+"""Shared fixtures: every test is seeded; paths of the bundled data; the Triton interpreter on a
+machine without CUDA."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when @triton.jit decorates, i.e. when a kernel module is first
+# imported: set it before any test imports one, on machines where the kernels cannot compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from diffkg_fast.data.codes import bundled_path
 from diffkg_fast.utils.seed import seed_everything

@@ -9,6 +9,7 @@ import torch
 
 from diffkg_fast.data.codes import atc_names, icd9_titles
 from diffkg_fast.data.records import MedicalRecords
+from diffkg_fast.ops.graph import KGCSR
 
 MEDS = sorted(c for c in atc_names() if len(c) == 4)[:40]
 DIAGS = sorted(icd9_titles("diag"))[:60]
@@ -57,3 +58,30 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1.3e-6,
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise AssertionError(f"{int(bad.sum())} mismatches, first at {idx}: {a[idx].item()} vs "
                              f"{b[idx].item()}; max abs err {(a - b).abs().max().item():.3g}")
+
+
+def make_graph(n_ent: int, n_rel: int, n_tri: int, seed: int) -> KGCSR:
+    """Odd sizes, duplicates, self loops, isolated heads, degree-1 heads and one long row."""
+    rng = np.random.default_rng(seed)
+    n_iso = 5  # the last 5 entities never appear
+    n_hub = n_ent - n_iso - 2  # the two before them are only linked to each other: degree 1
+    h = rng.integers(0, n_hub, n_tri)
+    t = rng.integers(0, n_hub, n_tri)
+    kg = np.stack([h, rng.integers(0, n_rel, n_tri), t], 1)
+    tails = rng.permutation(n_hub)[:150] if n_hub >= 150 else rng.integers(0, n_hub, 150)
+    long_row = np.stack([np.zeros(150, int), rng.integers(0, n_rel, 150), tails], 1)
+    pair = [[n_hub, 0, n_hub + 1]]
+    kg = np.concatenate((kg, kg[:10], long_row, [[1, 0, 1]], pair))
+    g = KGCSR.from_kg(kg, n_ent, n_rel)
+    deg = g.degree
+    assert (deg == 0).any() and (deg == 1).any() and deg.max() >= min(50, n_hub // 2)
+    return g
+
+
+def tables(g: KGCSR, d: int, dtype=torch.float64, scale: float = 1.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    E = torch.randn(g.n_entities, d, generator=gen, dtype=dtype) * scale
+    Rel = torch.randn(g.n_relations, d, generator=gen, dtype=dtype)
+    W = torch.empty(2 * d, d, dtype=dtype)
+    torch.nn.init.xavier_uniform_(W, gain=torch.nn.init.calculate_gain("relu"), generator=gen)
+    return E, Rel, W

@@ -92,7 +92,8 @@ def test_backend_choice():
     adj = norm_adjacency(random_train(6, 5, 2), 6, 5)
     x = torch.randn(11, 32)
     ref = lightgcn_propagate(adj, x, 2, backend="reference")
-    assert torch.equal(lightgcn_propagate(adj, x, 2, backend="auto"), ref)
+    # "auto" on a CPU: the C++ kernel (tests/test_ops_spmm.py), equal within rounding.
+    assert torch.allclose(lightgcn_propagate(adj, x, 2, backend="auto"), ref, atol=1e-6)
     with pytest.raises(ValueError, match="triton"):
         lightgcn_propagate(adj, x, 2, backend="triton")
 

@@ -5,7 +5,7 @@
 // thread (at::parallel_for): a power-law graph's long rows do not leave a thread idle. Each
 // row accumulates into a d-long buffer that stays in L1; the loop over d is contiguous and
 // unit-stride, with restrict pointers so that the compiler vectorizes it. On x86-64 with GCC the
-// row kernel is compiled twice (AVX2+FMA and baseline) and picked at load time
+// row kernel is compiled twice (AVX2+FMA and baseline) and picked at load time by CPU features
 // (target_clones), so an ahead-of-time wheel built for baseline x86-64 still runs AVX2 code.
 //
 // csr_propagate fuses the LightGCN sum: layer l writes A cur into the next buffer and adds it
@@ -29,8 +29,14 @@
 namespace diffkg_fast {
 namespace {
 
+// "arch=x86-64-v3" (AVX2 + FMA) is dispatched on CPU features; "arch=haswell" was dispatched on
+// the CPU *model* (__builtin_cpu_is), so AMD CPUs such as this EPYC ran the baseline clone.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DIFFKG_TARGET_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#if __GNUC__ >= 12
+#define DIFFKG_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIFFKG_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
 #else
 #define DIFFKG_TARGET_CLONES
 #endif

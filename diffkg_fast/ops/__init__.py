@@ -4,6 +4,7 @@ Importing this package registers every op's reference implementation (the specif
 oracle of the kernels); :mod:`diffkg_fast.ops.backend` chooses per device.
 """
 
+from diffkg_fast.ops import attention_fused  # noqa: F401 (registers the fused backends)
 from diffkg_fast.ops.attention import rgat_aggregate, rgat_forward
 from diffkg_fast.ops.diffusion import (
     Denoiser,

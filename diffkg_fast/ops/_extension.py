@@ -4,7 +4,7 @@ Two ways in, tried in order:
 
 1. ahead of time: ``setup.py`` built ``diffkg_fast._C`` (``pip install --no-build-isolation``
    with torch importable at build time); importing it registers the ops;
-2. just in time: the first call compiles ``csrc/spmm.cpp`` and ``csrc/cpu/spmm_cpu.cpp`` with
+2. just in time: the first call compiles the ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` sources with
    ``torch.utils.cpp_extension.load`` (g++ and ninja, cached under ``TORCH_EXTENSIONS_DIR``,
    default ``~/.cache/torch_extensions``; rebuilt only when a source changes).
 
@@ -22,13 +22,14 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["extension_loaded", "load_extension", "source_dir"]
+__all__ = ["extension_available", "extension_loaded", "load_extension", "source_dir"]
 
-_SOURCES = ("spmm.cpp", "cpu/spmm_cpu.cpp")
+_SOURCES = ("spmm.cpp", "cpu/spmm_cpu.cpp", "attention.cpp", "cpu/attention_cpu.cpp")
 _JIT_NAME = "diffkg_fast_cpu"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -45,13 +46,30 @@ def extension_loaded() -> bool:
     return False
 
 
+def extension_available() -> bool:
+    """Whether the ops can run in this process, loading (building on first use) the extension
+    if needed. What ``backend="auto"`` asks on a CPU: when the build fails (no compiler) it warns
+    once, says why, and answers ``False`` from then on, so "auto" runs the reference ops."""
+    if extension_loaded():
+        return True
+    if "error" in _STATE:
+        return False
+    try:
+        return load_extension()
+    except RuntimeError as exc:
+        warnings.warn(f"{exc}; running the reference (plain PyTorch) ops instead", stacklevel=2)
+        return False
+
+
 def _registered() -> bool:
     try:
         torch.ops.diffkg_fast.csr_spmm  # noqa: B018 (attribute lookup raises when absent)
+        torch.ops.diffkg_fast.rgat_forward  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
-    # The schema alone is not enough: the CPU kernel must be registered too.
-    return torch._C._dispatch_has_kernel_for_dispatch_key("diffkg_fast::csr_spmm", "CPU")
+    # The schemas alone are not enough: the CPU kernels must be registered too.
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkg_fast::{op}", "CPU")
+               for op in ("csr_spmm", "rgat_forward"))
 
 
 def source_dir() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -75,6 +74,13 @@ def kg_with_inverses(kg: np.ndarray, n_relations: int) -> np.ndarray:
     return both[first]
 
 
+def _offsets(keys: Tensor, n: int) -> Tensor:
+    """``(n + 1,)`` int64 CSR offsets of the groups of equal ``keys`` in ``[0, n)``."""
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=keys.device)
+    ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=n), 0)
+    return ptr
+
+
 @dataclass(eq=False)
 class KGCSR:
     """Head-sorted CSR of the KG edge set (torch int64 tensors, all on one device).
@@ -128,12 +134,34 @@ class KGCSR:
         """``(n_entities,)`` out-degree of each head."""
         return self.rowptr[1:] - self.rowptr[:-1]
 
-    @cached_property
+    def _cached(self, key: str, build):
+        # functools.cached_property takes an RLock on Python 3.11, which torch.compile cannot
+        # trace; a plain dict lookup it can (the graph is built once either way).
+        hit = self.__dict__.get(key)
+        if hit is None:
+            hit = self.__dict__[key] = build()
+        return hit
+
+    @property
     def row(self) -> Tensor:
         """``(n_edges,)`` head of each edge (the COO row index), computed once per graph."""
-        return torch.repeat_interleave(
-            torch.arange(self.n_entities, device=self.rowptr.device), self.degree
-        )
+        return self._cached("_row", lambda: torch.repeat_interleave(
+            torch.arange(self.n_entities, device=self.rowptr.device), self.degree))
+
+    @property
+    def by_tail(self) -> tuple[Tensor, Tensor]:
+        """``(t_rowptr (n_entities + 1,), t_edge (n_edges,))``: the transposed CSR as edge ids
+        sorted by tail (stable, so heads ascend within a tail), computed once per graph. The
+        fused attention backward adds each tail's gradient through it without atomics."""
+        return self._cached("_by_tail", lambda: (_offsets(self.col, self.n_entities),
+                                                 torch.argsort(self.col, stable=True)))
+
+    @property
+    def by_relation(self) -> tuple[Tensor, Tensor]:
+        """``(r_rowptr (n_relations + 1,), r_edge (n_edges,))``: edge ids grouped by relation
+        (stable), computed once per graph; the attention backward reduces ``dRel`` over them."""
+        return self._cached("_by_relation", lambda: (_offsets(self.rel, self.n_relations),
+                                                     torch.argsort(self.rel, stable=True)))
 
     def to(self, device: torch.device | str) -> KGCSR:
         return KGCSR(self.rowptr.to(device), self.col.to(device), self.rel.to(device),

@@ -16,10 +16,10 @@ backward reuses ``A`` itself (LightGCN's normalised adjacency is symmetric, so i
 costs no transpose at all). Under ``torch.compile`` tracing the transpose is rebuilt inside the
 graph from traceable ops (no cache, no symmetry shortcut: data-dependent control flow).
 
-Backends: ``lightgcn_propagate(..., backend="cpu")`` and :func:`csr_spmm` run these ops. The
-extension is compiled on first use (:mod:`diffkg_fast.ops._extension`), so ``backend="auto"``
-picks the kernel only once the extension is loaded in the process (an explicit ``"cpu"`` call,
-or :func:`~diffkg_fast.ops._extension.load_extension`): no training run compiles by surprise.
+Backends: ``lightgcn_propagate(..., backend="cpu")`` and :func:`csr_spmm` run these ops, and
+``backend="auto"`` takes them on a CPU: the extension is compiled on first use when no ahead-of-
+time build is installed (:mod:`diffkg_fast.ops._extension`, one line on stderr says so); when it
+cannot be built, "auto" warns once and runs the reference.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from diffkg_fast.ops._extension import extension_loaded, load_extension
+from diffkg_fast.ops._extension import extension_available, load_extension
 from diffkg_fast.ops.backend import register, resolve
 
 __all__ = ["csr_parts", "csr_spmm", "csr_transpose", "ensure_ops"]
@@ -46,7 +46,7 @@ _TRANSPOSE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _cuda_kernels_loaded() -> bool:
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "diffkg_fast::csr_spmm", "CUDA")
 
 
@@ -210,11 +210,12 @@ def _propagate_kernel(adj: Tensor, X: Tensor, layers: int) -> Tensor:
     return torch.ops.diffkg_fast.csr_propagate(*csr_parts(adj), X, layers)
 
 
-# "auto" takes the kernels only once the extension is loaded (see the module docstring); the
-# CUDA backend only where the extension carries CUDA kernels (csrc/cuda/, built by setup.py).
-register("csr_spmm", "cpu", auto_if=extension_loaded)(_csr_spmm_kernel)
+# "auto" takes the kernels whenever the extension loads (built on first use; a failed build
+# warns once and "auto" runs the reference); the CUDA backend only where the extension carries
+# CUDA kernels (csrc/cuda/, built by setup.py).
+register("csr_spmm", "cpu", auto_if=extension_available)(_csr_spmm_kernel)
 register("csr_spmm", "cuda", auto_if=_cuda_kernels_loaded)(_csr_spmm_kernel)
-register("lightgcn_propagate", "cpu", auto_if=extension_loaded)(_propagate_kernel)
+register("lightgcn_propagate", "cpu", auto_if=extension_available)(_propagate_kernel)
 register("lightgcn_propagate", "cuda", auto_if=_cuda_kernels_loaded)(_propagate_kernel)
 
 

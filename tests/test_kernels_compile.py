@@ -1,0 +1,125 @@
+"""Ahead-of-time compile check of every shipped Triton kernel configuration, for sm_90 and sm_80,
+on a machine without a GPU (``triton.compile`` with a ``GPUTarget``; resource usage read from the
+cubin with the ``cuobjdump`` bundled in Triton).
+
+It catches what the interpreter (``TRITON_INTERPRET=1``) lets through: non-constexpr globals,
+type errors of the real code generator, and register spills. Fails on a compile error or on local
+memory (``LOCAL`` > 0: spilled registers) and when the float32 forward at d >= 64 does not load
+its rows 16 bytes at a time (``LDG.E.128``). Prints registers and shared memory per
+configuration.
+
+Configurations: every ``BLOCK_D`` that :func:`diffkg_fast.kernels.attention.block_sizes` can
+pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 inputs, with dropout
+and normalisation on (the flags only add code to the same kernels); the backward row kernel in
+both tail modes.
+
+The compiles run in a child process without ``TRITON_INTERPRET`` (conftest.py sets it for the
+interpreter tests, and it changes what ``@triton.jit`` builds at import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ARCHS = (90, 80)
+WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of block_sizes(d), d in [1, 256]
+DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
+USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _sig(names: str, dt: str, acc: str) -> dict[str, str]:
+    """Signature from a compact spec: ``name:kind`` with kind e (input dtype), a (accumulation
+    dtype), i (int64 pointer) or n (int32 scalar)."""
+    kinds = {"e": f"*{dt}", "a": f"*{acc}", "i": "*i64", "n": "i32"}
+    return {n: kinds[k] for n, k in (item.split(":") for item in names.split())}
+
+
+def _configs():
+    from diffkg_fast.kernels import attention as K
+
+    for dt in DTYPES:
+        acc = "fp64" if dt == "fp64" else "fp32"
+        f64 = dt == "fp64"
+        for block_d in WIDTHS:
+            block_e, bd = K.block_sizes(block_d)
+            assert bd == block_d
+            common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d}
+            yield (f"forward {dt} d{block_d}", K._rgat_forward_kernel,
+                   _sig("E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a norm:a d:n",
+                        dt, acc),
+                   {"HAS_MASK": True, "NORMALIZE": True, **common})
+            for atomic in (False, True):
+                yield (f"backward_rows {dt} d{block_d} atomic={atomic}",
+                       K._rgat_backward_rows_kernel,
+                       _sig("gy:e E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a norm:a "
+                            "G:a dE:a a_buf:a ds_buf:a d:n", dt, acc),
+                       {"HAS_MASK": True, "NORMALIZE": True, "TAIL_ATOMIC": atomic, **common})
+            yield (f"backward_tails {dt} d{block_d}", K._rgat_backward_tails_kernel,
+                   _sig("G:a P2:e rel:i row:i t_rowptr:i t_edge:i a_buf:a ds_buf:a dE:a d:n",
+                        dt, acc), common)
+            yield (f"backward_rel {dt} d{block_d}", K._rgat_backward_rel_kernel,
+                   _sig("E:e col:i row:i r_edge:i c_rel:i c_start:i c_end:i ds_buf:a dP1:a "
+                        "dP2:a d:n", dt, acc), common)
+
+
+def _compile(name, fn, signature, constexprs, arch) -> tuple[str, int, tuple[int, ...], bool]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # What the JIT specialises for torch tensors (16-byte aligned) and d a multiple of 16: every
+    # argument divisible by 16, which is what lets the row loads vectorise.
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                        attrs=attrs), target=GPUTarget("cuda", arch, 32))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(CUOBJDUMP), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    usage = USAGE.findall(out)
+    assert usage, f"{name} sm_{arch}: no resource line in\n{out}"
+    return name, arch, tuple(int(v) for v in usage[-1]), "LDG.E.128" in sass
+
+
+def _compile_all() -> list[tuple[str, int, tuple[int, ...], bool]]:
+    jobs = [(*cfg, arch) for cfg in _configs() for arch in ARCHS]
+    # Two threads: triton.compile spends most of its time in ptxas, a child process.
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda j: _compile(*j), jobs))
+
+
+@pytest.mark.skipif(not CUOBJDUMP.is_file(), reason="Triton without its bundled cuobjdump")
+def test_every_kernel_config_compiles_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert len(results) == len(WIDTHS) * len(DTYPES) * 5 * len(ARCHS)
+    bad = []
+    for name, arch, (reg, stack, shared, local), vec128 in results:
+        print(f"sm_{arch} {name}: {reg} registers, stack {stack} B, shared {shared} B, "
+              f"local {local} B, 16-byte loads {vec128}")
+        if local:
+            bad.append(f"sm_{arch} {name}: {local} B local memory (spill)")
+        # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction.
+        if name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64 and not vec128:
+            bad.append(f"sm_{arch} {name}: no LDG.E.128 in the SASS (loads not vectorised)")
+    assert not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
