@@ -20,6 +20,10 @@ Scales (synthetic cohorts, ``build_dataset("synthetic", ...)``):
   ``extrapolated_full_epoch_s``: each limited phase times ``batches_full / batches_run``,
   labelled as an extrapolation, never mixed with the measured phase seconds. LightGCN has no KG
   side and runs its full epoch at both scales.
+
+``ops``: ``kernels`` is the default (``backend="auto"``: the C++ kernels of the fused attention
+and the LightGCN propagation), ``reference`` the plain-PyTorch ops ("auto" told to skip the
+kernels): the whole-epoch before / after of the kernel issues.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.stats import dataset_stats
 from diffkg_fast.model import DiffKGConfig
+from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.train import train
 from diffkg_fast.train.trainer import PHASES
 
@@ -75,7 +80,7 @@ def batches_full(ds: KGDataset, cfg: DiffKGConfig) -> dict[str, int]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'scale':<11}{'model':<9}{'entities':>9}{'limit':>6}"
+    head = (f"{'scale':<11}{'model':<9}{'ops':<10}{'entities':>9}{'limit':>6}"
             + "".join(f"{p:>13}" for p in PHASES) + f"{'total':>9}  extrapolated full epoch")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -84,7 +89,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                    f"{sum(ext.values()):.0f} s (" + ", ".join(
                        f"{p} {ext[p]:.0f}" for p in PHASES) + ")")
         lines.append(
-            f"{r['scale']:<11}{r['model']:<9}{r['entities']:>9,}{r['limit_batches']!s:>6}"
+            f"{r['scale']:<11}{r['model']:<9}{r['ops']:<10}{r['entities']:>9,}"
+            f"{r['limit_batches']!s:>6}"
             + "".join(f"{r['phase_s'][p]:>12.2f}s" for p in PHASES)
             + f"{r['total_s']:>8.1f}s  {ext_txt}")
     lines.append("phase seconds as measured (history[0]['time']); limit = limit_batches "
@@ -93,10 +99,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"))
+
+
+@pytest.mark.parametrize("ops", ["kernels", "reference"])
 @pytest.mark.parametrize("model", ["diffkg", "lightgcn"])
 @pytest.mark.parametrize("scale", list(SCALES))
-def test_epoch(benchmark, datasets, scale: str, model: str) -> None:
-    benchmark.group = f"epoch_{scale}"
+def test_epoch(benchmark, monkeypatch, datasets, scale: str, model: str, ops: str) -> None:
+    if ops == "reference":
+        for key in KERNEL_BACKENDS:
+            monkeypatch.setitem(backend_mod._AUTO_IF, key, lambda: False)
+    benchmark.group = f"epoch_{scale}_{model}"
     ds, build_s = datasets[scale]
     cfg = DiffKGConfig(epoch=1, model=model)  # Params.py defaults otherwise
     limit = LIMITS.get((scale, model))
@@ -111,11 +124,12 @@ def test_epoch(benchmark, datasets, scale: str, model: str) -> None:
     run = {k: (v if limit is None else min(v, limit)) for k, v in full.items()}
     stats = dataset_stats(ds)
     row: dict[str, Any] = {
-        "scale": scale, "model": model, "entities": ds.n_entities, "limit_batches": limit,
+        "scale": scale, "model": model, "ops": ops, "entities": ds.n_entities,
+        "limit_batches": limit,
         "phase_s": phase, "total_s": res.total_time,
     }
     info: dict[str, Any] = {
-        "scale": scale, "model": model, "threads": torch.get_num_threads(),
+        "scale": scale, "model": model, "ops": ops, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "patients": ds.n_users, "medications": ds.n_items, "entities": ds.n_entities,
         "triplets": ds.n_triplets, "train_interactions": int(ds.train.nnz),
@@ -137,5 +151,5 @@ def test_epoch(benchmark, datasets, scale: str, model: str) -> None:
                         "limited phase by batches_full / batches_run")
     benchmark.extra_info.update(info)
     _ROWS.append(row)
-    print(f"\n[{scale} {model}] " + (logs[0] if logs else ""))
+    print(f"\n[{scale} {model} {ops}] " + (logs[0] if logs else ""))
     assert len(res.history) == 1 and all(v >= 0 for v in phase.values())

@@ -1,4 +1,4 @@
-"""Summary table of a pytest-benchmark JSON file: ``python bench/summarize.py BENCH.json``.
+"""Summary table of pytest-benchmark JSON files: ``python bench/summarize.py BENCH.json [...]``.
 
 One row per benchmark: op group, provider, median time, speed-up over the group's
 ``reference`` provider (the baseline of every group), GB/s on the compulsory bytes (when the
@@ -37,7 +37,7 @@ def table(data: dict) -> str:
             med = b["stats"]["median"]
             extra = b.get("extra_info", {})
             ratio = f"{ref / med:.2f}x" if ref else "-"
-            gbs = f"{extra['bytes'] / med / 1e9:.0f}" if "bytes" in extra else "-"
+            gbs = f"{extra['bytes'] / med / 1e9:.3g}" if "bytes" in extra else "-"
             peak = f"{extra['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in extra else "-"
             lines.append(f"| {group} | {provider_of(b)} | {med * 1e3:.3f} | {ratio} | {gbs} "
                          f"| {peak} |")
@@ -45,17 +45,20 @@ def table(data: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if not argv:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         return 2
-    try:
-        with open(argv[0]) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"cannot read {argv[0]}: {exc}", file=sys.stderr)
-        return 1
-    print(table(data))
-    return 0
+    status = 0
+    for path in argv:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"cannot read {path}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"## {path}\n\n{table(data)}\n")
+    return status
 
 
 if __name__ == "__main__":

@@ -90,17 +90,21 @@ def _triton_forward(E, P1, P2, rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr
                     normalize):
     from diffkg_fast.kernels.attention import rgat_forward
 
-    return rgat_forward(E.contiguous(), P1.contiguous(), P2.contiguous(), rowptr, col, rel,
-                        None if mask is None else mask.contiguous(), normalize)
+    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
+    with torch.cuda.device(E.device):
+        return rgat_forward(E.contiguous(), P1.contiguous(), P2.contiguous(), rowptr, col, rel,
+                            None if mask is None else mask.contiguous(), normalize)
 
 
 def _triton_backward(grad_y, E, P1, P2, rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr,
                      r_edge, y, lse, norm, mask, normalize):
     from diffkg_fast.kernels.attention import rgat_backward
 
-    return rgat_backward(grad_y.contiguous(), E.contiguous(), P1.contiguous(), P2.contiguous(),
-                         rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr, r_edge, y, lse,
-                         norm, None if mask is None else mask.contiguous(), normalize)
+    with torch.cuda.device(E.device):
+        return rgat_backward(grad_y.contiguous(), E.contiguous(), P1.contiguous(),
+                             P2.contiguous(), rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr,
+                             r_edge, y, lse, norm, None if mask is None else mask.contiguous(),
+                             normalize)
 
 
 def _has_triton() -> bool:

@@ -18,8 +18,8 @@ BACKENDS = ("reference", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
-# (op, backend) -> predicate: "auto" considers that backend only while it returns True (a
-# compiled extension that "auto" must not build on first use, only use once it is loaded).
+# (op, backend) -> predicate: "auto" considers that backend only while it returns True (e.g. a
+# compiled extension that could be loaded, or Triton being installed).
 _AUTO_IF: dict[tuple[str, str], Callable[[], bool]] = {}
 
 

@@ -10,8 +10,8 @@ DiffKG sums (does not average) the layers, layer 0 included. The reference runs 
 the data): ``dL/dX = sum_l (A^T)^l G``, which equals ``sum_l A^l G`` since ``A`` is symmetric.
 
 The ``"cpu"`` (and ``"cuda"``) backend, registered by :mod:`diffkg_fast.ops.spmm`, runs the whole
-sum as one fused C++ op (``torch.ops.diffkg_fast.csr_propagate``, csrc/); ``"auto"`` takes it
-once the extension is loaded in the process.
+sum as one fused C++ op (``torch.ops.diffkg_fast.csr_propagate``, csrc/); ``"auto"`` takes it on
+a CPU (building the extension on first use; the reference when it cannot be built).
 """
 
 from __future__ import annotations
