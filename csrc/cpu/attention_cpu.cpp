@@ -35,6 +35,8 @@
 #include <tuple>
 #include <vector>
 
+#include "row_chunks.h"
+
 namespace diffkg_fast {
 namespace {
 
@@ -330,30 +332,6 @@ DIFFKG_INLINE void backward2_impl(const Bwd<T>& B, int64_t t0, int64_t t1) {
 DIFFKG_RGAT_ENTRY(float, f32)
 DIFFKG_RGAT_ENTRY(double, f64)
 #undef DIFFKG_RGAT_ENTRY
-
-// Chunk c covers rows [bounds[c], bounds[c+1]) with about equal sum of (row nnz + 1)
-// (as in spmm_cpu.cpp).
-std::vector<int64_t> row_chunks(const int64_t* rowptr, int64_t n_rows, int64_t d) {
-  const int64_t cost = rowptr[n_rows] - rowptr[0] + n_rows;
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks =
-      (cost * std::max<int64_t>(d, 1) < (int64_t(1) << 16) || threads <= 1)
-          ? 1
-          : std::min<int64_t>(std::max<int64_t>(n_rows, 1), threads * 4);
-  std::vector<int64_t> bounds(n_chunks + 1);
-  bounds[0] = 0;
-  bounds[n_chunks] = n_rows;
-  for (int64_t c = 1; c < n_chunks; ++c) {
-    const int64_t target = c * cost / n_chunks;
-    int64_t lo = bounds[c - 1], hi = n_rows;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (rowptr[mid] - rowptr[0] + mid < target) lo = mid + 1; else hi = mid;
-    }
-    bounds[c] = lo;
-  }
-  return bounds;
-}
 
 // Largest row length of rows [r0, r1).
 int64_t max_degree(const int64_t* rowptr, int64_t r0, int64_t r1) {
