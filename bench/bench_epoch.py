@@ -22,8 +22,9 @@ Scales (synthetic cohorts, ``build_dataset("synthetic", ...)``):
   side and runs its full epoch at both scales.
 
 ``ops``: ``kernels`` is the default (``backend="auto"``: the C++ kernels of the fused attention
-and the LightGCN propagation), ``reference`` the plain-PyTorch ops ("auto" told to skip the
-kernels): the whole-epoch before / after of the kernel issues.
+and the LightGCN propagation, the fused diffusion loss and hidden-space sampler), ``reference``
+the plain-PyTorch ops ("auto" told to skip the kernels): the whole-epoch before / after of the
+kernel issues.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"))
+KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"),
+                   ("diffusion_loss", "cpu"), ("diffusion_sample", "cpu"),
+                   ("diffusion_sample_topk", "cpu"))
 
 
 @pytest.mark.parametrize("ops", ["kernels", "reference"])

@@ -2,7 +2,8 @@
 
 One row per benchmark: op group, provider, median time, speed-up over the group's
 ``reference`` provider (the baseline of every group), GB/s on the compulsory bytes (when the
-benchmark records ``extra_info["bytes"]``) and peak memory above the inputs (``peak_bytes``,
+benchmark records ``extra_info["bytes"]``), TFLOP/s (``extra_info["flop"]``: the GEMM FLOPs of
+the reference's pass, so an effective rate) and peak memory above the inputs (``peak_bytes``,
 GPU runs). Groups are printed in file order, providers in the order they ran.
 """
 
@@ -29,8 +30,8 @@ def table(data: dict) -> str:
     machine = data.get("machine_info", {})
     lines = [f"machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}",
              "",
-             "| group | provider | median ms | vs reference | GB/s | peak MB |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| group | provider | median ms | vs reference | GB/s | TFLOP/s | peak MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for group, benches in groups.items():
         ref = next((b["stats"]["median"] for b in benches if provider_of(b) == "reference"), None)
         for b in benches:
@@ -38,9 +39,10 @@ def table(data: dict) -> str:
             extra = b.get("extra_info", {})
             ratio = f"{ref / med:.2f}x" if ref else "-"
             gbs = f"{extra['bytes'] / med / 1e9:.3g}" if "bytes" in extra else "-"
+            tfs = f"{extra['flop'] / med / 1e12:.3g}" if "flop" in extra else "-"
             peak = f"{extra['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in extra else "-"
             lines.append(f"| {group} | {provider_of(b)} | {med * 1e3:.3f} | {ratio} | {gbs} "
-                         f"| {peak} |")
+                         f"| {tfs} | {peak} |")
     return "\n".join(lines)
 
 

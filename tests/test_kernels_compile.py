@@ -11,7 +11,9 @@ configuration.
 Configurations: every ``BLOCK_D`` that :func:`diffkg_fast.kernels.attention.block_sizes` can
 pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 inputs, with dropout
 and normalisation on (the flags only add code to the same kernels); the backward row kernel in
-both tail modes.
+both tail modes. Diffusion (:mod:`diffkg_fast.kernels.diffusion`): the GEMM + top-k kernel with
+its ``TOPK_CONFIG`` tiles, float32 (IEEE and TF32) and bfloat16 (``k`` is a runtime argument);
+the two row kernels with and without their optional input / output.
 
 The compiles run in a child process without ``TRITON_INTERPRET`` (conftest.py sets it for the
 interpreter tests, and it changes what ``@triton.jit`` builds at import).
@@ -47,6 +49,31 @@ def _sig(names: str, dt: str, acc: str) -> dict[str, str]:
 
 
 def _configs():
+    yield from _attention_configs()
+    yield from _diffusion_configs()
+
+
+def _diffusion_configs():
+    from diffkg_fast.kernels import diffusion as K
+
+    for prec, dt in (("ieee", "fp32"), ("tf32", "fp32"), ("bf16", "bf16")):
+        bm, bn, bk, warps, stages = K.TOPK_CONFIG[prec]
+        yield (f"linear_topk {prec}", K._linear_topk_kernel,
+               {**_sig("A:e W:e bias:a cand_val:a cand_idx:i B:n E:n H:n", dt, "fp32"),
+                "scale": "fp32", **_sig("stride_a:n stride_w:n n_cand:n K:n", dt, "fp32")},
+               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TF32": prec == "tf32"},
+               {"num_warps": warps, "num_stages": stages})
+    for has_mask in (False, True):
+        yield (f"rows denoise_input fp32 mask={has_mask}", K._denoise_input_kernel,
+               _sig("x0:e noise:e t:i sa:e sb:e mask:e x_in:e E:n", "fp32", "fp32"),
+               {"HAS_MASK": has_mask, "BLOCK": K.ROW_BLOCK}, {"num_warps": 8})
+    for grad in (False, True):
+        yield (f"rows weighted_sq_err fp32 grad={grad}", K._weighted_sq_err_kernel,
+               _sig("out:e x0:e coef:e sq:e E:n", "fp32", "fp32"),
+               {"GRAD": grad, "BLOCK": K.ROW_BLOCK}, {"num_warps": 8})
+
+
+def _attention_configs():
     from diffkg_fast.kernels import attention as K
 
     for dt in DTYPES:
@@ -74,15 +101,19 @@ def _configs():
                         "dP2:a d:n", dt, acc), common)
 
 
-def _compile(name, fn, signature, constexprs, arch) -> tuple[str, int, tuple[int, ...], bool]:
+def _compile(name, fn, signature, constexprs, options, arch
+             ) -> tuple[str, int, tuple[int, ...], bool]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     # What the JIT specialises for torch tensors (16-byte aligned) and d a multiple of 16: every
     # argument divisible by 16, which is what lets the row loads vectorise.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(signature))}
+    # (Float scalars take no divisibility.)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values())
+             if kind != "fp32"}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                        attrs=attrs), target=GPUTarget("cuda", arch, 32))
+                                        attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -96,7 +127,8 @@ def _compile(name, fn, signature, constexprs, arch) -> tuple[str, int, tuple[int
 
 
 def _compile_all() -> list[tuple[str, int, tuple[int, ...], bool]]:
-    jobs = [(*cfg, arch) for cfg in _configs() for arch in ARCHS]
+    jobs = [(*cfg, *(() if len(cfg) == 5 else ({},)), arch) for cfg in _configs()
+            for arch in ARCHS]
     # Two threads: triton.compile spends most of its time in ptxas, a child process.
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda j: _compile(*j), jobs))
@@ -108,7 +140,7 @@ def test_every_kernel_config_compiles_without_spills():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = json.loads(proc.stdout.splitlines()[-1])
-    assert len(results) == len(WIDTHS) * len(DTYPES) * 5 * len(ARCHS)
+    assert len(results) == len(list(_configs())) * len(ARCHS)
     bad = []
     for name, arch, (reg, stack, shared, local), vec128 in results:
         print(f"sm_{arch} {name}: {reg} registers, stack {stack} B, shared {shared} B, "
@@ -116,7 +148,8 @@ def test_every_kernel_config_compiles_without_spills():
         if local:
             bad.append(f"sm_{arch} {name}: {local} B local memory (spill)")
         # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction.
-        if name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64 and not vec128:
+        wide = name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64
+        if (wide or name.startswith("rows ")) and not vec128:
             bad.append(f"sm_{arch} {name}: no LDG.E.128 in the SASS (loads not vectorised)")
     assert not bad, "\n".join(bad)
 

@@ -188,7 +188,8 @@ def test_loss_equals_literal_per_row_computation() -> None:
     s = DiffusionSchedule()
     R, U, E_b, x0, t, noise = loss_inputs()
     model = Denoiser(23, hidden=17, dtype=torch.float64).eval()
-    loss, parts = diffusion_loss(model, x0, t, noise, s, 9, R.T @ U, E_b, 0.3)
+    loss, parts = diffusion_loss(model, x0, t, noise, s, 9, R.T @ U, E_b, 0.3,
+                                 backend="reference")
     want = literal_loss(model, x0, t, noise, s, R, U, E_b, 0.3)
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(0.7 * parts["diff"] + 0.3 * parts["ckgc"], loss.detach())
@@ -207,7 +208,8 @@ def test_loss_gradcheck_float64() -> None:
         def denoiser(x, t):  # the module with its parameters swapped for the gradcheck inputs
             return torch.func.functional_call(model, state, (x, t))
 
-        return diffusion_loss(denoiser, x0, t, noise, s, 4, R.T @ U, E_b, 0.4)[0]
+        return diffusion_loss(denoiser, x0, t, noise, s, 4, R.T @ U, E_b, 0.4,
+                              backend="reference")[0]
 
     assert torch.autograd.gradcheck(f, params)
 
@@ -231,20 +233,22 @@ def test_sample_equals_literal_loop() -> None:
     s = DiffusionSchedule(steps=7, noise_scale=0.5, noise_min=1e-3, noise_max=0.05)
     model = Denoiser(31, hidden=12, dtype=torch.float64)  # training mode: sample drops no input
     x0 = (torch.rand(9, 31) < 0.2).double()
-    got = sample(model, x0, s)
-    assert not got.requires_grad
-    torch.testing.assert_close(got, literal_sample(model, x0, s, 7), rtol=1e-12, atol=1e-12)
+    for backend in ("reference", "auto"):  # auto: the fused hidden-space sampler on a CPU
+        got = sample(model, x0, s, backend=backend)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, literal_sample(model, x0, s, 7), rtol=1e-11,
+                                   atol=1e-12)
 
 
 def test_sample_with_noise_is_seeded() -> None:
     s = DiffusionSchedule()
     model = Denoiser(31, hidden=12)
     x0 = (torch.rand(9, 31) < 0.2).float()
-    a = sample(model, x0, s, 3, generator=torch.Generator().manual_seed(5))
-    b = sample(model, x0, s, 3, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and not torch.equal(a, sample(model, x0, s))
+    a = sample(model, x0, s, 3, generator=torch.Generator().manual_seed(5), backend="reference")
+    b = sample(model, x0, s, 3, generator=torch.Generator().manual_seed(5), backend="reference")
+    assert torch.equal(a, b) and not torch.equal(a, sample(model, x0, s, backend="reference"))
     with pytest.raises(ValueError):
-        sample(model, x0, s, 6)
+        sample(model, x0, s, 6, backend="reference")
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 1024])
@@ -254,9 +258,10 @@ def test_sample_topk_equals_topk_of_full_sample(batch_size: int) -> None:
     rowptr, col = csr_tensors(m)
     model = Denoiser(97, hidden=40, generator=torch.Generator().manual_seed(1))
     rows = torch.randperm(97)[:50]
-    full = sample(model, kg_rows(rowptr, col, rows, 97), s)
+    full = sample(model, kg_rows(rowptr, col, rows, 97), s, backend="reference")
     want_v, want_i = torch.topk(full, 3, dim=-1)
-    v, i = sample_topk(model, rowptr, col, rows, s, 3, batch_size=batch_size)
+    v, i = sample_topk(model, rowptr, col, rows, s, 3, batch_size=batch_size,
+                       backend="reference")
     assert torch.equal(i, want_i)
     torch.testing.assert_close(v, want_v, rtol=1e-5, atol=1e-6)
 
@@ -264,7 +269,9 @@ def test_sample_topk_equals_topk_of_full_sample(batch_size: int) -> None:
 def test_sample_topk_empty_and_backend_errors() -> None:
     model = Denoiser(5, hidden=3)
     rowptr, col = torch.zeros(6, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    v, i = sample_topk(model, rowptr, col, torch.zeros(0, dtype=torch.long), DiffusionSchedule(), 2)
-    assert v.shape == i.shape == (0, 2) and i.dtype == torch.long
+    for backend in ("reference", "auto"):
+        v, i = sample_topk(model, rowptr, col, torch.zeros(0, dtype=torch.long),
+                           DiffusionSchedule(), 2, backend=backend)
+        assert v.shape == i.shape == (0, 2) and i.dtype == torch.long
     with pytest.raises(ValueError, match="triton"):
         kg_rows(rowptr, col, torch.tensor([0]), 5, backend="triton")

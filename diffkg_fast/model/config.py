@@ -30,7 +30,12 @@ class DiffKGConfig:
       and new patients are ranked from their codes; used when the dataset has visit features
       (medication datasets), ignored otherwise; ``False`` is DiffKG as published;
     - ``device``: where the model and the graphs live (generators stay on the CPU, so a seed
-      gives the same draws on every device).
+      gives the same draws on every device, except the diffusion noise on a GPU, drawn there
+      from a device generator seeded by the CPU one: host draws would dominate the pass);
+    - ``diffusion_precision``: the denoiser's GEMMs in the diffusion pass and the rebuild:
+      ``"fp32"`` (default: the reference within float tolerance), ``"tf32"`` (CUDA TF32 tensor
+      cores) or ``"bf16"`` (bfloat16 operands, float32 accumulation); see
+      :mod:`diffkg_fast.ops.diffusion_sample_fused`.
     """
 
     lr: float = 1e-3
@@ -66,6 +71,7 @@ class DiffKGConfig:
     model: str = "diffkg"
     patience: int | None = None
     device: str = "cpu"
+    diffusion_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +95,9 @@ class DiffKGConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.sampling_steps > self.steps:
             raise ValueError(f"sampling_steps={self.sampling_steps} > steps={self.steps}")
+        if self.diffusion_precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError("diffusion_precision must be 'fp32', 'tf32' or 'bf16', got "
+                             f"{self.diffusion_precision!r}")
         if self.cl_pattern not in (0, 1):
             raise ValueError(f"cl_pattern must be 0 or 1, got {self.cl_pattern}")
         if self.triplet_num < -1:

@@ -4,7 +4,11 @@ Importing this package registers every op's reference implementation (the specif
 oracle of the kernels); :mod:`diffkg_fast.ops.backend` chooses per device.
 """
 
-from diffkg_fast.ops import attention_fused  # noqa: F401 (registers the fused backends)
+from diffkg_fast.ops import (
+    attention_fused,  # noqa: F401 (registers the fused backends)
+    diffusion_loss_fused,  # noqa: F401
+    diffusion_sample_fused,  # noqa: F401
+)
 from diffkg_fast.ops.attention import rgat_aggregate, rgat_forward
 from diffkg_fast.ops.diffusion import (
     Denoiser,

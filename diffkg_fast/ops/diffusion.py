@@ -229,6 +229,7 @@ def _diffusion_loss_reference(
 def diffusion_loss(
     denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, schedule: DiffusionSchedule,
     item_count: int, R_T_U: Tensor, E_batch: Tensor, e_loss: float, *, backend: str = "auto",
+    precision: str = "fp32",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffKG's diffusion + CKGC loss on one batch of KG rows → ``(loss, {"diff", "ckgc"})``.
 
@@ -236,10 +237,23 @@ def diffusion_loss(
     pass from the training user–item matrix R (U × I) and the user table); ``E_batch`` (B × d)
     the entity embeddings of the batch rows. Both tables are detached: only the denoiser learns.
     ``loss = (1-e_loss) mean_b(w_t mse_b) + e_loss mean_b(mean_d (X̂[:, :I] Rᵀ U - E_b)²)``.
-    Dropout follows ``denoiser.training``.
+    Dropout follows ``denoiser.training``. ``precision`` (``"fp32"``, ``"tf32"``, ``"bf16"``)
+    needs a fused backend (:mod:`diffkg_fast.ops.diffusion_loss_fused`).
     """
     fn = resolve("diffusion_loss", backend, x0.device)
-    return fn(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch, e_loss)
+    return fn(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch, e_loss,
+              **_precision_kw("diffusion_loss", fn, precision))
+
+
+def _precision_kw(op: str, fn, precision: str) -> dict[str, str]:
+    """``{"precision": p}`` for a fused backend; the reference computes in its inputs' dtype
+    only, so another precision there is an error naming the op."""
+    if precision == "fp32":
+        return {}
+    if getattr(fn, "takes_precision", False):
+        return {"precision": precision}
+    raise ValueError(f"precision={precision!r} of op {op!r} needs a fused backend "
+                     "(backend='auto' on a CPU or CUDA device), not the reference")
 
 
 @register("diffusion_sample", "reference")
@@ -301,13 +315,15 @@ def _sample_topk_reference(
 def sample_topk(
     denoiser: Denoiser, rowptr: Tensor, col: Tensor, rows: Tensor, schedule: DiffusionSchedule,
     k: int, *, batch_size: int = 1024, sampling_steps: int = 0,
-    generator: torch.Generator | None = None, backend: str = "auto",
+    generator: torch.Generator | None = None, backend: str = "auto", precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` of the denoised KG rows ``rows`` (n,) → ``(values, indices)``, each (n, k).
 
     Rows are built from the CSR (``rowptr``, ``col``), denoised by :func:`sample` and reduced to
     their top-k ``batch_size`` rows at a time: no more than one B × E output exists at once.
-    The rebuild's candidates are ``(rows[i], indices[i, j])``.
+    The rebuild's candidates are ``(rows[i], indices[i, j])``. ``precision`` as in
+    :func:`diffusion_loss`.
     """
     fn = resolve("diffusion_sample_topk", backend, rowptr.device)
-    return fn(denoiser, rowptr, col, rows, schedule, k, batch_size, sampling_steps, generator)
+    return fn(denoiser, rowptr, col, rows, schedule, k, batch_size, sampling_steps, generator,
+              **_precision_kw("diffusion_sample_topk", fn, precision))

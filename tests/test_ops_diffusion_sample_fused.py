@@ -1,0 +1,272 @@
+"""The fused diffusion sampler (hidden-space recursion, ``diffkg_fast.ops.diffusion_sample_fused``)
+and its Triton GEMM + top-k kernel against the reference sampler.
+
+Float64 must agree to ~1e-10 (the recursion is exact algebra); float32 and bfloat16 follow the
+tolerance rule of flash-attention: the error against the float64 reference at most twice that of
+the reference run in the same precision (plus float32 noise). Triton runs in its interpreter on a
+CPU (``TRITON_INTERPRET=1``, set by conftest.py) and compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from diffkg_fast.ops import backend as backend_mod
+from diffkg_fast.ops.diffusion import (
+    Denoiser,
+    DiffusionSchedule,
+    _sample_reference,
+    _sample_topk_reference,
+    kg_rows,
+    sample_topk,
+)
+from diffkg_fast.ops.diffusion_sample_fused import (
+    _sample_topk_fast,
+    sample_hidden,
+    sample_topk_hidden,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+def graph(n: int, density: float, seed: int, *, empty=(0, 5), dup: bool = True):
+    """A binary KG CSR (rowptr, col) with empty rows and, with ``dup``, a repeated entry."""
+    m = sp.random(n, n, density=density, format="lil", random_state=seed)
+    for r in empty:
+        m[r, :] = 0
+    m = m.tocsr()
+    m.data[:] = 1
+    rowptr = torch.from_numpy(m.indptr.astype(np.int64))
+    col = torch.from_numpy(m.indices.astype(np.int64))
+    if dup:  # row 1 lists one of its columns twice: kg_rows keeps it binary, so must we
+        r0, r1 = int(rowptr[1]), int(rowptr[2])
+        assert r1 > r0, "row 1 needs an entry"
+        col = torch.cat([col[:r1], col[r0:r0 + 1], col[r1:]])
+        rowptr = torch.cat([rowptr[:2], rowptr[2:] + 1])
+    return rowptr, col
+
+
+def denoiser(n: int, hidden: int = 33, *, dtype=torch.float64, norm: bool = True,
+             scale: float = 3.0, seed: int = 0) -> Denoiser:
+    """Weights scaled up so that tanh bends and rows have distinct top entries; drawn in
+    float64 and cast, so every dtype holds the same model (up to rounding)."""
+    d = Denoiser(n, hidden, 10, norm=norm, dtype=torch.float64,
+                 generator=torch.Generator().manual_seed(seed)).eval()
+    with torch.no_grad():
+        for p in d.parameters():
+            p.mul_(scale)
+    return d.to(dtype)
+
+
+def err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("norm,steps,sampling_steps", [
+    (True, 5, 0), (False, 5, 0), (True, 1, 0), (True, 7, 3), (True, 5, 5), (False, 3, 2)])
+def test_sample_hidden_matches_reference_float64(norm, steps, sampling_steps):
+    s = DiffusionSchedule(steps=steps)
+    rowptr, col = graph(97, 0.06, seed=steps)
+    model = denoiser(97, norm=norm, seed=steps)
+    x0 = kg_rows(rowptr, col, torch.arange(97), 97, dtype=torch.float64)
+    want = _sample_reference(model, x0, s, sampling_steps, torch.Generator().manual_seed(4))
+    got = sample_hidden(model, x0, s, sampling_steps, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch_size,k,sampling_steps", [(1, 1, 0), (7, 4, 0), (64, 1, 2),
+                                                         (1024, 3, 0)])
+def test_sample_topk_matches_reference_float64(batch_size, k, sampling_steps):
+    s = DiffusionSchedule()
+    rowptr, col = graph(101, 0.05, seed=k)
+    model = denoiser(101, seed=k)
+    # A permuted subset with the empty rows (0, 5) and the duplicated-entry row (1) in it.
+    rows = torch.cat([torch.tensor([5, 1, 0]), torch.randperm(101)[:40]])
+    want_v, want_i = _sample_topk_reference(model, rowptr, col, rows, s, k, batch_size,
+                                            sampling_steps, torch.Generator().manual_seed(9))
+    v, i = sample_topk_hidden(model, rowptr, col, rows, s, k, batch_size, sampling_steps,
+                              torch.Generator().manual_seed(9))
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(v, want_v, rtol=1e-10, atol=1e-10)
+
+
+def test_edgeless_graph_matches_reference():
+    # No edges at all: every start row is zero (‖x‖ = 0, the normalisation's epsilon case).
+    model = denoiser(7, 5)
+    rowptr, col = torch.zeros(8, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    want = _sample_topk_reference(model, rowptr, col, torch.arange(7), DiffusionSchedule(), 2)
+    got = sample_topk_hidden(model, rowptr, col, torch.arange(7), DiffusionSchedule(), 2)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+
+
+def _topk_rule(v32, i32, v32_ref, full64, k):
+    """Values: error at most twice the reference's float32 error; indices: every chosen column's
+    float64 value is within that same bound of the true k-th best (near-ties may swap)."""
+    v64 = torch.topk(full64, k, dim=-1).values
+    bound = 2 * err(v32_ref, v64) + 1e-6 * v64.abs().max().item()
+    assert err(v32, v64) <= bound, (err(v32, v64), bound)
+    chosen = full64.gather(1, i32)
+    assert (chosen >= v64[:, -1:] - bound).all()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_float32_tolerance_rule(norm):
+    s = DiffusionSchedule()
+    rowptr, col = graph(211, 0.03, seed=3)
+    rows = torch.arange(211)
+    m64 = denoiser(211, 65, norm=norm, seed=3)
+    m32 = denoiser(211, 65, norm=norm, seed=3, dtype=torch.float32)
+    full64 = _sample_reference(m64, kg_rows(rowptr, col, rows, 211, dtype=torch.float64), s)
+    ref_v, _ = _sample_topk_reference(m32, rowptr, col, rows, s, 3)
+    v, i = sample_topk_hidden(m32, rowptr, col, rows, s, 3, batch_size=100)
+    _topk_rule(v, i, ref_v, full64, 3)
+
+
+def test_bf16_precision_tolerance_rule():
+    """bf16 GEMM operands: error at most twice that of the reference denoiser run in bf16."""
+    s = DiffusionSchedule()
+    rowptr, col = graph(150, 0.04, seed=5)
+    rows = torch.arange(150)
+    m64 = denoiser(150, 48, seed=5)
+    full64 = _sample_reference(m64, kg_rows(rowptr, col, rows, 150, dtype=torch.float64), s)
+    m16 = denoiser(150, 48, seed=5, dtype=torch.bfloat16)
+    ref16 = _sample_reference(m16, kg_rows(rowptr, col, rows, 150, dtype=torch.bfloat16), s)
+    ours = sample_hidden(denoiser(150, 48, seed=5, dtype=torch.float32),
+                         kg_rows(rowptr, col, rows, 150), s, precision="bf16")
+    assert err(ours, full64) <= 2 * err(ref16, full64), (err(ours, full64), err(ref16, full64))
+    v, i = sample_topk(denoiser(150, 48, seed=5, dtype=torch.float32), rowptr, col, rows, s, 2,
+                       precision="bf16")
+    assert i.shape == (150, 2) and err(v, torch.topk(full64, 2).values) <= 2 * err(ref16, full64)
+
+
+def test_auto_backend_precision_and_argument_errors():
+    assert backend_mod.resolve("diffusion_sample_topk", "auto", "cpu") is _sample_topk_fast
+    s = DiffusionSchedule()
+    rowptr, col = graph(20, 0.2, seed=1)
+    model = denoiser(20, 8, dtype=torch.float32)
+    rows = torch.arange(20)
+    with pytest.raises(ValueError, match="needs a fused backend"):
+        sample_topk(model, rowptr, col, rows, s, 1, precision="bf16", backend="reference")
+    with pytest.raises(ValueError, match="precision"):
+        sample_topk(model, rowptr, col, rows, s, 1, precision="fp16")
+    with pytest.raises(ValueError, match="k=21"):
+        sample_topk(model, rowptr, col, rows, s, 21)
+    with pytest.raises(ValueError, match="sampling_steps"):
+        sample_topk(model, rowptr, col, rows, s, 1, sampling_steps=6)
+    # A float16 denoiser has no fused path: auto runs the reference for it.
+    half = denoiser(20, 8, dtype=torch.float16)
+    want = _sample_topk_reference(half, rowptr, col, rows, s, 1)
+    got = sample_topk(half, rowptr, col, rows, s, 1)
+    assert torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------- Triton kernels (interpreter on a CPU)
+
+kernels = pytest.importorskip("diffkg_fast.kernels.diffusion")
+needs_interpreter = pytest.mark.skipif(
+    CUDA or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter test: CPU tensors under TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n_rows,hid,n_ent,k,tf32", [
+    (37, 50, 203, 1, False), (37, 50, 203, 5, True), (1, 17, 5, 5, False),
+    (70, 16, 129, 32, False)])
+def test_linear_topk_interpreter_matches_torch(n_rows, hid, n_ent, k, tf32):
+    a, w, b = torch.randn(n_rows, hid), torch.randn(n_ent, hid), torch.randn(n_ent)
+    # Small tiles: several column tiles, a partial last one, rows beyond the last row tile.
+    v, i = kernels.linear_topk(a, w, b, 0.7, k, tf32=tf32, config=(16, 32, 16, 4, 1))
+    want_v, want_i = torch.topk(0.7 * (a @ w.T + b), k, dim=-1)
+    torch.testing.assert_close(v, want_v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, want_i)
+
+
+@needs_interpreter
+def test_linear_topk_argument_errors():
+    a, w, b = torch.randn(3, 4), torch.randn(6, 4), torch.randn(6)
+    with pytest.raises(ValueError, match="k <="):
+        kernels.linear_topk(a, w, b, 1.0, kernels.MAX_TOPK + 1)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.linear_topk(a.double(), w.double(), b, 1.0, 1)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.linear_topk(a, w[:, :3], b, 1.0, 1)
+    with pytest.raises(ValueError, match="k=7"):
+        kernels.linear_topk(a, w, b, 1.0, 7)
+
+
+@needs_interpreter
+def test_sample_topk_fused_kernel_interpreter_matches_reference():
+    s = DiffusionSchedule()
+    rowptr, col = graph(97, 0.05, seed=6)
+    rows = torch.randperm(97)[:60]
+    m32 = denoiser(97, 40, seed=6, dtype=torch.float32)
+    full64 = _sample_reference(denoiser(97, 40, seed=6),
+                               kg_rows(rowptr, col, rows, 97, dtype=torch.float64), s)
+    ref_v, _ = _sample_topk_reference(m32, rowptr, col, rows, s, 2)
+    v, i = sample_topk_hidden(m32, rowptr, col, rows, s, 2, batch_size=25, fused_topk=True)
+    _topk_rule(v, i, ref_v, full64, 2)
+
+
+# ------------------------------------------------------------- Triton kernels, compiled (GPU)
+
+class _tf32:
+    """cuBLAS TF32 on or off inside the block (the reference's own float32 products)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("k", [1, 4])
+def test_gpu_sample_topk_matches_reference(k):
+    s = DiffusionSchedule()
+    rowptr, col = graph(3001, 0.003, seed=k)
+    rowptr, col = rowptr.cuda(), col.cuda()
+    rows = torch.randperm(3001, device="cuda")
+    m32 = denoiser(3001, 200, seed=k, dtype=torch.float32).cuda()
+    full64 = _sample_reference(denoiser(3001, 200, seed=k).cuda(),
+                               kg_rows(rowptr, col, rows, 3001, dtype=torch.float64), s)
+    with _tf32(False):
+        ref_v, _ = _sample_topk_reference(m32, rowptr, col, rows, s, k)
+        v, i = sample_topk(m32, rowptr, col, rows, s, k, backend="triton")
+    _topk_rule(v, i, ref_v, full64, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,dtype", [("tf32", torch.float32), ("bf16", torch.bfloat16)])
+def test_gpu_low_precision_tolerance_rule(precision, dtype):
+    s = DiffusionSchedule()
+    rowptr, col = graph(2001, 0.004, seed=2)
+    rowptr, col = rowptr.cuda(), col.cuda()
+    rows = torch.arange(2001, device="cuda")
+    x64 = kg_rows(rowptr, col, rows, 2001, dtype=torch.float64)
+    full64 = _sample_reference(denoiser(2001, 128, seed=2).cuda(), x64, s)
+    low = denoiser(2001, 128, seed=2, dtype=dtype).cuda()
+    with _tf32(precision == "tf32"):
+        ref_low = _sample_reference(low, x64.to(dtype), s)
+    v, _ = sample_topk(denoiser(2001, 128, seed=2, dtype=torch.float32).cuda(), rowptr, col,
+                       rows, s, 1, backend="triton", precision=precision)
+    v64 = torch.topk(full64, 1).values
+    assert err(v, v64) <= 2 * err(torch.topk(ref_low.double(), 1).values, v64) + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_auto_uses_triton():
+    assert backend_mod.resolve("diffusion_sample_topk", "auto", "cuda") is _sample_topk_fast
