@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _graphs import zipf_kg
 
 from diffkg_fast.ops.attention import NEG_SLOPE, dropout_mask, rgat_aggregate
 from diffkg_fast.ops.attention_fused import ensure_ops
@@ -49,14 +49,7 @@ PROVIDERS = (("reference", "pyg", "triton", "triton_atomic") if CUDA
 @functools.lru_cache(maxsize=1)
 def kg_graph(shape: str) -> KGCSR:
     """A head-sorted KG of the shape's size with Zipf degrees, on the benchmark device."""
-    n, nnz, n_rel = SHAPES[shape]
-    rng = np.random.default_rng(0)
-    p = 1.0 / np.arange(1, n + 1) ** 0.8
-    p /= p.sum()
-    h = rng.permutation(n)[rng.choice(n, nnz, p=p)]
-    t = rng.permutation(n)[rng.choice(n, nnz, p=p)]
-    r = rng.integers(0, n_rel, nnz)
-    return KGCSR.from_triplets(np.stack([h, r, t], 1), n, n_rel).to(DEVICE)
+    return zipf_kg(*SHAPES[shape], DEVICE)
 
 
 def pyg_rgat(E, Rel, W, kg: KGCSR, *, dropout, training, normalize, generator):

@@ -44,6 +44,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _graphs import zipf_kg
 
 from diffkg_fast.ops.diffusion import (
     Denoiser,
@@ -69,12 +70,7 @@ PRECISION = {"triton_tf32": "tf32", "triton_bf16": "bf16"}
 @functools.lru_cache(maxsize=2)
 def kg_graph(shape: str) -> KGCSR:
     n, nnz, _ = SHAPES[shape]
-    rng = np.random.default_rng(0)
-    p = 1.0 / np.arange(1, n + 1) ** 0.8
-    p /= p.sum()
-    h = rng.permutation(n)[rng.choice(n, nnz, p=p)]
-    t = rng.permutation(n)[rng.choice(n, nnz, p=p)]
-    return KGCSR.from_triplets(np.stack([h, rng.integers(0, 8, nnz), t], 1), n, 8).to(DEVICE)
+    return zipf_kg(n, nnz, 8, DEVICE)
 
 
 def n_batches(shape: str) -> tuple[int, int]:
