@@ -49,7 +49,7 @@ def reference(*a, **k):
 
 
 @pytest.mark.parametrize("norm,dropout,e_loss", [
-    (True, 0.5, 0.5), (True, 0.0, 0.0), (False, 0.3, 1.0), (True, 0.5, 0.01)])
+    (True, 0.5, 0.5), (True, 0.0, 0.0), (False, 0.3, 1.0), (True, 0.5, 0.01), (True, 1.0, 0.5)])
 @pytest.mark.parametrize("training", [True, False])
 def test_loss_and_gradients_match_reference_float64(norm, dropout, e_loss, training):
     model, *data = inputs(norm=norm, dropout=dropout)

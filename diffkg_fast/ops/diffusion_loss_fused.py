@@ -30,6 +30,8 @@ Backends of ``diffusion_loss``: ``"cpu"`` (torch ops, oneDNN / MKL GEMMs) and ``
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,8 +78,12 @@ class _DenoiseLoss(torch.autograd.Function):
     def forward(ctx, x_in, w1, c_rows, w2, b2, x0, w_rows, r_t_u, e_batch, e_loss, item_count,
                 mm_dtype, use_triton):
         n_rows, n_ent = x0.shape
-        a = torch.tanh(_mm(x_in, w1.T, mm_dtype).add_(c_rows))
-        out = _mm(a, w2.T, mm_dtype).add_(b2)
+        if mm_dtype == x_in.dtype:  # the biases enter through the GEMMs' beta = 1 term
+            a = torch.addmm(c_rows, x_in, w1.T).tanh_()
+            out = torch.addmm(b2, a, w2.T)
+        else:
+            a = _mm(x_in, w1.T, mm_dtype).add_(c_rows).tanh_()
+            out = _mm(a, w2.T, mm_dtype).add_(b2)
         e_diff = out[:, :item_count] @ r_t_u - e_batch
         ckgc = e_diff.square().mean(-1).mean()
         # (1-λ) mean_b(w_b sq_b / E): d/d out = coef_b (out - x0) with this coef.
@@ -126,7 +132,9 @@ def diffusion_loss_fused(
     n_ent = denoiser.n_entities
     abar = schedule.alphas_cumprod.to(x0.device)
     mask = None
-    if denoiser.training and denoiser.dropout > 0:
+    if denoiser.training and denoiser.dropout >= 1:  # F.dropout: zeros, no draw
+        mask = torch.zeros_like(x0)
+    elif denoiser.training and denoiser.dropout > 0:
         keep = 1.0 - denoiser.dropout
         mask = torch.empty_like(x0).bernoulli_(keep).div_(keep)  # = F.dropout's CPU draw
     use_triton = use_triton and x0.dtype == torch.float32  # the row kernels are float32
@@ -137,7 +145,9 @@ def diffusion_loss_fused(
         x_in = x_in.mul_(mask) if mask is not None else x_in
     w = schedule.snr_weights().to(x0.device)[t].to(x0.dtype)
     mm = torch.bfloat16 if precision == "bf16" else x0.dtype
-    with _precision(precision, x0.device):
+    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
+    with _precision(precision, x0.device), \
+            torch.cuda.device(x0.device) if x0.is_cuda else nullcontext():
         loss, diff, ckgc = _DenoiseLoss.apply(
             x_in, denoiser.in_layer.weight[:, :n_ent], denoiser.time_bias(t),
             denoiser.out_layer.weight, denoiser.out_layer.bias, x0.contiguous(), w,
