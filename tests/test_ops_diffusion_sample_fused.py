@@ -201,6 +201,20 @@ def test_linear_topk_argument_errors():
 
 
 @needs_interpreter
+def test_fused_topk_falls_back_for_float64_and_large_k():
+    s = DiffusionSchedule()
+    rowptr, col = graph(60, 0.08, seed=2)
+    model = denoiser(60, 12)  # float64: no kernel, the GEMM and torch.topk
+    want = _sample_topk_reference(model, rowptr, col, torch.arange(60), s, 3)
+    got = sample_topk_hidden(model, rowptr, col, torch.arange(60), s, 3, fused_topk=True)
+    assert torch.equal(got[1], want[1])
+    m32 = denoiser(60, 12, dtype=torch.float32)
+    k = kernels.MAX_TOPK + 1
+    got = sample_topk_hidden(m32, rowptr, col, torch.arange(60), s, k, fused_topk=True)
+    assert got[1].shape == (60, k)
+
+
+@needs_interpreter
 def test_sample_topk_fused_kernel_interpreter_matches_reference():
     s = DiffusionSchedule()
     rowptr, col = graph(97, 0.05, seed=6)

@@ -18,6 +18,12 @@ reconstruction is written once and read once before the backward GEMMs read ``g`
 three in-place torch passes). The gradient is computed in the forward, scaled by the incoming
 scalar in the backward.
 
+Why the prologue is a separate pass and not fused into GEMM 1: ``x_in`` is needed twice (GEMM 1
+and ``dW1``). Written once, it costs ~6 row-sized transfers per step (read ``x0``, ``eps``, the
+mask; write ``x_in``; read it in both GEMMs); rebuilt inside both GEMMs it costs ~8 (the two
+GEMMs read ``x0``, ``eps`` and the mask each, after a norm pass over ``x0`` and ``eps``). Bytes,
+not a timing: no GPU was lent to measure it.
+
 The dropout mask is ``bernoulli(1-p) / (1-p)`` drawn from torch's default generator, exactly the
 draw ``F.dropout`` makes on a CPU (so on a CPU this backend trains bit-for-bit on the same
 masks as the reference; on CUDA ``F.dropout`` draws differently, the mask law is the same).

@@ -216,7 +216,9 @@ def _topk_torch(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor]
 def _topk_triton(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor]:
     from diffkg_fast.kernels.diffusion import MAX_TOPK, linear_topk
 
-    if k > MAX_TOPK:  # the per-tile selection unrolls k passes: beyond that, a plain top-k
+    # The kernel takes float32 / bfloat16 operands and k <= MAX_TOPK (k selection passes per
+    # tile); a float64 denoiser or a larger k takes the GEMM and torch.topk.
+    if k > MAX_TOPK or fac.mm_dtype not in (torch.float32, torch.bfloat16):
         return _topk_torch(fac, a, k)
     # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
     with torch.cuda.device(a.device) if a.is_cuda else nullcontext():
