@@ -40,7 +40,7 @@ tail -5 "$OUT/gpu-tests.txt"
 # One pytest run per file, each with its own limit and JSON: a file that runs out of time loses
 # only its own numbers.
 step "benchmarks" | tee "$OUT/bench.txt"
-for b in attention:80 spmm:90 diffusion:95; do
+for b in attention:80 spmm:90 diffusion:100; do
     name=${b%%:*}
     timeout "${b##*:}" "$PY" -m pytest -q -p no:cacheprovider "bench/bench_$name.py" \
         --benchmark-only --benchmark-json "$OUT/bench-$name.json" \
