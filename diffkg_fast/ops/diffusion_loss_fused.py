@@ -84,9 +84,8 @@ class _DenoiseLoss(torch.autograd.Function):
     def forward(ctx, x_in, w1, c_rows, w2, b2, x0, w_rows, r_t_u, e_batch, e_loss, item_count,
                 mm_dtype, use_triton):
         n_rows, n_ent = x0.shape
-        # The biases as in-place adds after the GEMMs. addmm's beta term would save one pass,
-        # small beside the GEMMs, but it rounds differently from the code whose accuracy is
-        # committed in bench/results (the main command's test Recall@10: .6792 vs .6791).
+        # The biases as in-place adds after the GEMMs: the code bench/results' accuracy runs
+        # used (addmm's beta term would save one B × E pass, small beside the GEMMs).
         a = torch.tanh(_mm(x_in, w1.T, mm_dtype).add_(c_rows))
         out = _mm(a, w2.T, mm_dtype).add_(b2)
         e_diff = out[:, :item_count] @ r_t_u - e_batch
