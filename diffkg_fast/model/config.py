@@ -34,7 +34,7 @@ class DiffKGConfig:
       from a device generator seeded by the CPU one: host draws would dominate the pass);
     - ``diffusion_precision``: the denoiser's GEMMs in the diffusion pass and the rebuild:
       ``"fp32"`` (default: the reference within float tolerance), ``"tf32"`` (CUDA TF32 tensor
-      cores) or ``"bf16"`` (bfloat16 operands, float32 accumulation); see
+      cores; float32 on a CPU) or ``"bf16"`` (bfloat16 operands, float32 accumulation); see
       :mod:`diffkg_fast.ops.diffusion_sample_fused`.
     """
 

@@ -186,7 +186,8 @@ class _Diffusion:
             # Off the CPU the B × E noise is drawn on the device, from a generator seeded by the
             # CPU one once per pass (so a seed and a resume still fix it): on the host one
             # Alibaba-size batch of noise takes 1.5 s to draw here (1024 × 89,196 normals, two
-            # threads), ~80× the denoiser's GEMMs of that batch on an H200, plus a 365 MB copy.
+            # threads), ~80× the denoiser's GEMMs of that batch on an H200 (estimated from the
+            # card's fp32 rate, not measured), plus a 365 MB copy.
             gen = torch.Generator(ent.device).manual_seed(
                 int(torch.randint(2**62, (1,), generator=gen)))
         sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
