@@ -116,10 +116,9 @@ def q_sample(x0: Tensor, t: Tensor | int, noise: Tensor, schedule: DiffusionSche
     return _per_row(abar.sqrt(), t, x0) * x0 + _per_row((1.0 - abar).sqrt(), t, x0) * noise
 
 
-@register("kg_rows", "reference")
-def _kg_rows_reference(
-    rowptr: Tensor, col: Tensor, rows: Tensor, n_cols: int, *, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def csr_row_entries(rowptr: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries of the CSR rows ``rows``: ``(row_of, pos)``, each (nnz of those rows,), the
+    position in ``rows`` and the CSR position of every entry, in row order."""
     dev = rowptr.device
     rows = rows.to(dev)
     start = rowptr[rows]
@@ -130,7 +129,20 @@ def _kg_rows_reference(
     # CSR position of every entry: its row's start + its rank inside the row.
     first = torch.cumsum(counts, 0) - counts
     pos = torch.arange(total, device=dev) - first[row_of] + start[row_of]
-    out = torch.zeros(rows.numel(), n_cols, dtype=dtype, device=dev)
+    return row_of, pos
+
+
+def check_sampling_steps(schedule: DiffusionSchedule, sampling_steps: int) -> None:
+    if not 0 <= sampling_steps <= schedule.steps:
+        raise ValueError(f"sampling_steps={sampling_steps} not in [0, {schedule.steps}]")
+
+
+@register("kg_rows", "reference")
+def _kg_rows_reference(
+    rowptr: Tensor, col: Tensor, rows: Tensor, n_cols: int, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    row_of, pos = csr_row_entries(rowptr, rows)
+    out = torch.zeros(rows.numel(), n_cols, dtype=dtype, device=rowptr.device)
     out[row_of, col[pos]] = 1  # assignment, not add: duplicate entries stay binary
     return out
 
@@ -262,8 +274,7 @@ def _sample_reference(
     denoiser: Denoiser, x_start: Tensor, schedule: DiffusionSchedule, sampling_steps: int = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    if not 0 <= sampling_steps <= schedule.steps:
-        raise ValueError(f"sampling_steps={sampling_steps} not in [0, {schedule.steps}]")
+    check_sampling_steps(schedule, sampling_steps)
     x = x_start
     if sampling_steps > 0:
         _, noise = draw_timesteps_noise(x_start, 1, generator)

@@ -50,6 +50,8 @@ from diffkg_fast.ops.diffusion import (
     _kg_rows_reference,
     _sample_reference,
     _sample_topk_reference,
+    check_sampling_steps,
+    csr_row_entries,
     draw_timesteps_noise,
     q_sample,
 )
@@ -128,13 +130,7 @@ def _sparse_start(fac: SamplerFactors, rowptr: Tensor, col: Tensor,
     """``(z, y, n, p)`` of the binary KG rows ``rows``: sums of ``W1ᵀ`` / ``W2`` rows over each
     row's distinct columns (duplicate CSR entries count once, as in ``kg_rows``)."""
     n_ent = fac.w2.shape[0]
-    start = rowptr[rows]
-    counts = rowptr[rows + 1] - start
-    total = int(counts.sum())
-    row_of = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts,
-                                     output_size=total)
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(total, device=rows.device) - first[row_of] + start[row_of]
+    row_of, pos = csr_row_entries(rowptr, rows)
     keys = torch.unique(row_of * n_ent + col[pos])  # sorted: grouped by batch row
     row_of, cols = keys // n_ent, keys % n_ent
     counts = torch.bincount(row_of, minlength=rows.numel())
@@ -188,18 +184,13 @@ def _output(fac: SamplerFactors, a: Tensor) -> Tensor:
     return out.mul_(fac.c1[0])
 
 
-def _check(schedule: DiffusionSchedule, sampling_steps: int) -> None:
-    if not 0 <= sampling_steps <= schedule.steps:
-        raise ValueError(f"sampling_steps={sampling_steps} not in [0, {schedule.steps}]")
-
-
 @torch.no_grad()
 def sample_hidden(
     denoiser: Denoiser, x_start: Tensor, schedule: DiffusionSchedule, sampling_steps: int = 0,
     generator: torch.Generator | None = None, *, precision: str = "fp32",
 ) -> Tensor:
     """:func:`~diffkg_fast.ops.diffusion.sample` through the hidden-space recursion (B × E)."""
-    _check(schedule, sampling_steps)
+    check_sampling_steps(schedule, sampling_steps)
     fac = SamplerFactors.build(denoiser, schedule, precision)
     with _precision(precision, x_start.device):
         if sampling_steps > 0:
@@ -238,7 +229,7 @@ def sample_topk_hidden(
     ``fused_topk``: the last GEMM and the top-k in one Triton kernel (default: on CUDA tensors
     when Triton is installed; ``True`` also runs it on CPU tensors under ``TRITON_INTERPRET=1``).
     """
-    _check(schedule, sampling_steps)
+    check_sampling_steps(schedule, sampling_steps)
     if k < 1 or k > denoiser.n_entities:
         raise ValueError(f"k={k} not in [1, n_entities={denoiser.n_entities}]")
     fac = SamplerFactors.build(denoiser, schedule, precision)
