@@ -35,6 +35,11 @@ def _extension():
         extra_link_args=["-fopenmp"],
         optional=True,
     )
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the architecture from (a CPU build node with a CUDA torch): torch's
+        # builder would fail with an IndexError, so name the cards this project targets, A100
+        # and H100/H200, plus PTX for newer ones.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     if use_cuda:
         ext = ce.CUDAExtension("diffkg_fast._C", sources + cuda_sources, **kwargs)
     else:
