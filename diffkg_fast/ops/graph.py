@@ -76,9 +76,11 @@ def kg_with_inverses(kg: np.ndarray, n_relations: int) -> np.ndarray:
 
 def _offsets(keys: Tensor, n: int) -> Tensor:
     """``(n + 1,)`` int64 CSR offsets of the groups of equal ``keys`` in ``[0, n)``."""
+    # index_add_ into n slots, not bincount(minlength=n): bincount's length is max(n, max+1),
+    # data-dependent, which torch.compile before 2.13 refuses to trace (fullgraph, torch 2.11).
     ptr = torch.zeros(n + 1, dtype=torch.int64, device=keys.device)
-    ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=n), 0)
-    return ptr
+    ptr.index_add_(0, keys + 1, torch.ones_like(keys))
+    return torch.cumsum(ptr, 0)
 
 
 @dataclass(eq=False)
@@ -116,9 +118,8 @@ class KGCSR:
         else:  # h * n + t would overflow: two stable sorts give the same (h, t) order
             order = torch.argsort(t, stable=True)
             order = order[torch.argsort(h[order], stable=True)]
-        rowptr = torch.zeros(n_entities + 1, dtype=torch.int64, device=tri.device)
-        rowptr[1:] = torch.cumsum(torch.bincount(h, minlength=n_entities), 0)
-        return cls(rowptr, t[order].contiguous(), r[order].contiguous(), n_entities, n_relations)
+        return cls(_offsets(h, n_entities), t[order].contiguous(), r[order].contiguous(),
+                   n_entities, n_relations)
 
     @classmethod
     def from_kg(cls, kg: np.ndarray, n_entities: int, n_relations: int) -> KGCSR:
