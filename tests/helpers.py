@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 from diffkg_fast.data.codes import atc_names, icd9_titles
 from diffkg_fast.data.records import MedicalRecords
 from diffkg_fast.ops.graph import KGCSR
+
+
+def _interpreter_skip_reason() -> str | None:
+    """Why the Triton interpreter tests cannot run here, or None when they can."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        return "interpreter test: CPU tensors under TRITON_INTERPRET=1 (conftest.py sets it " \
+               "where there is no CUDA device)"
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    # Triton 3.6's interpreter turns scalar arguments into Python ints with int() of a 1-element
+    # array, which numpy 2.4 made an error (the GPU machines' image pairs triton 3.6 with numpy
+    # 2.5); triton 3.7 squeezes first. The compiled kernels are unaffected.
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in np.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {np.__version__} "
+                "(only 0-dimensional arrays can be converted); use triton >= 3.7 or numpy < 2.4")
+    return None
+
+
+# The Triton kernels run on CPU tensors in the interpreter (no CUDA device here).
+needs_interpreter = pytest.mark.skipif(_interpreter_skip_reason() is not None,
+                                       reason=_interpreter_skip_reason() or "")
 
 MEDS = sorted(c for c in atc_names() if len(c) == 4)[:40]
 DIAGS = sorted(icd9_titles("diag"))[:60]

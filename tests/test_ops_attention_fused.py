@@ -19,7 +19,7 @@ from diffkg_fast.ops import attention_fused as fused
 from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops.attention import dropout_mask, rgat_aggregate, rgat_forward
 
-from helpers import assert_close, make_graph, tables
+from helpers import assert_close, make_graph, needs_interpreter, tables
 
 CUDA = torch.cuda.is_available()
 if (shutil.which("c++") is None and shutil.which("g++") is None) or not is_ninja_available():
@@ -204,13 +204,7 @@ def _triton_grads(E, Rel, W, g, gy, p=0.0, normalize=True, tails="csr"):
     return y, dE, dRel, dW
 
 
-needs_interpreter = pytest.mark.skipif(
-    not CUDA and __import__("os").environ.get("TRITON_INTERPRET") != "1",
-    reason="no CUDA device and TRITON_INTERPRET is not set")
-
-
 @needs_interpreter
-@pytest.mark.skipif(CUDA, reason="interpreter test: CPU tensors")
 @pytest.mark.parametrize("d,p,normalize,tails", [
     (3, 0.0, True, "csr"), (32, 0.3, True, "atomic"), (70, 0.2, False, "csr"),
     (64, 0.0, True, "atomic")])
@@ -225,7 +219,6 @@ def test_triton_interpreter_matches_reference(d, p, normalize, tails):
 
 
 @needs_interpreter
-@pytest.mark.skipif(CUDA, reason="interpreter test: CPU tensors")
 def test_triton_interpreter_large_logits_and_float32():
     g = make_graph(31, 2, 60, seed=8)
     E, Rel, W = tables(g, 16, dtype=torch.float64, scale=7.0, seed=8)
@@ -237,7 +230,6 @@ def test_triton_interpreter_large_logits_and_float32():
 
 
 @needs_interpreter
-@pytest.mark.skipif(CUDA, reason="interpreter test: CPU tensors")
 def test_triton_interpreter_empty_graph_and_chunks():
     # No edges at all: every row is its own (normalised) embedding; dRel = dW = 0.
     g = make_graph(31, 2, 60, seed=8)

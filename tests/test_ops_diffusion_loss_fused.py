@@ -3,8 +3,6 @@ backward, in-place loss pass, Triton row kernels) against the reference loss and
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,6 +14,8 @@ from diffkg_fast.ops.diffusion import (
     draw_timesteps_noise,
 )
 from diffkg_fast.ops.diffusion_loss_fused import _loss_fast, diffusion_loss_fused
+
+from helpers import needs_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -166,8 +166,7 @@ def test_auto_backend_and_errors():
 kernels = pytest.importorskip("diffkg_fast.kernels.diffusion")
 
 
-@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="interpreter test: CPU tensors under TRITON_INTERPRET=1")
+@needs_interpreter
 @pytest.mark.parametrize("n_ent", [53, 1500])  # one row block, and two with a partial one
 def test_triton_row_kernels_interpreter_match_torch(n_ent):
     model, *data = inputs(n_ent=n_ent, batch=6, dtype=torch.float32)

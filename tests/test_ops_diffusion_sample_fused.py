@@ -9,8 +9,6 @@ CPU (``TRITON_INTERPRET=1``, set by conftest.py) and compiled on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -30,6 +28,8 @@ from diffkg_fast.ops.diffusion_sample_fused import (
     sample_hidden,
     sample_topk_hidden,
 )
+
+from helpers import needs_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -169,9 +169,6 @@ def test_auto_backend_precision_and_argument_errors():
 # ------------------------------------------------- Triton kernels (interpreter on a CPU)
 
 kernels = pytest.importorskip("diffkg_fast.kernels.diffusion")
-needs_interpreter = pytest.mark.skipif(
-    CUDA or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="interpreter test: CPU tensors under TRITON_INTERPRET=1")
 
 
 @needs_interpreter
