@@ -3,7 +3,8 @@
 What it checks:
 - csrc/cuda/spmm_kernels.cuh (plain CUDA C++, no torch headers) through a tiny driver that
   instantiates the host launcher for float and double, hence every kernel variant shipped
-  (float: VEC 1/2/4 x COLS 1/2/4; double: VEC 1/2 x COLS 1/2/4), for sm_80 and sm_90 with
+  (float: VEC 1/2/4 x COLS 1/2/4; double: VEC 1/2 x COLS 1/2/4; each as the warp-per-row and
+  the block-per-long-row kernel), for sm_80 and sm_90 with
   `nvcc -Xptxas -v`. Fails on a compile error, on a missing variant, on spill stores or loads
   (> 0 bytes) and on a stack frame (> 0 bytes: for these kernels it could only mean the
   accumulators went to local memory). Prints registers per kernel per arch.
@@ -47,15 +48,16 @@ DRIVER = """\
 #include "spmm_kernels.cuh"
 namespace k = diffkg_fast::cuda;
 template void k::launch_csr_spmm<float>(const int64_t*, const int64_t*, const float*,
-    const float*, float*, const float*, float*, int64_t, int64_t, cudaStream_t);
+    const float*, float*, const float*, float*, int64_t, int64_t, int64_t, cudaStream_t);
 template void k::launch_csr_spmm<double>(const int64_t*, const int64_t*, const double*,
-    const double*, double*, const double*, double*, int64_t, int64_t, cudaStream_t);
+    const double*, double*, const double*, double*, int64_t, int64_t, int64_t, cudaStream_t);
 """
 
 ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
-VARIANT = re.compile(r"csr_spmm_warp_row_kernelI([fd])Li(\d+)ELi(\d+)E")
+VARIANT = re.compile(r"csr_spmm_(warp|long)_row_kernelI([fd])Li(\d+)ELi(\d+)E")
+KERNELS = ("warp", "long")  # the warp-per-row kernel and the block-per-long-row kernel
 
 
 def find_nvcc() -> str | None:
@@ -86,7 +88,8 @@ def parse_ptxas(text: str) -> dict[tuple[str, str], dict[str, int]]:
 def check_kernels(stats: dict[tuple[str, str], dict[str, int]], archs: tuple[str, ...]) -> None:
     for (name, arch), s in sorted(stats.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         m = VARIANT.search(name)
-        label = f"{'float' if m[1] == 'f' else 'double'} VEC={m[2]} COLS={m[3]}" if m else name
+        label = (f"{m[1]}-row {'float' if m[2] == 'f' else 'double'} VEC={m[3]} COLS={m[4]}"
+                 if m else name)
         print(
             f"{arch} {label}: {s.get('regs')} registers, stack {s.get('stack')} B, "
             f"spill {s.get('spill_st')}/{s.get('spill_ld')} B"
@@ -101,12 +104,14 @@ def check_kernels(stats: dict[tuple[str, str], dict[str, int]], archs: tuple[str
     }
     assert not bad, f"spills, local memory or unparsed ptxas output: {bad}"
     for arch in archs:
-        found = {
-            (m[1], int(m[2]), int(m[3]))
-            for name, a in stats
-            if a == arch and (m := VARIANT.search(name))
-        }
-        assert found == VARIANTS, f"{arch}: kernel variants {sorted(found)} != {sorted(VARIANTS)}"
+        for kernel in KERNELS:
+            found = {
+                (m[2], int(m[3]), int(m[4]))
+                for name, a in stats
+                if a == arch and (m := VARIANT.search(name)) and m[1] == kernel
+            }
+            assert found == VARIANTS, (
+                f"{arch} {kernel}-row: variants {sorted(found)} != {sorted(VARIANTS)}")
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -166,13 +171,17 @@ def test_spmm_cuda_sources_compile(tmp_path: Path) -> None:
             binding.wait()
 
 
-def _csr(n: int, seed: int, dtype):
-    """A square CSR with an empty row, a row longer than 64 (three 32-pair chunks) and random
-    rows; values scaled by 1/degree so that powers of A stay O(1)."""
+def _csr(n: int, seed: int, dtype, density: float = 0.15, long_rows: dict[int, int] | None = None):
+    """A square CSR with an empty row, a full row 0 (longer than 64: three 32-pair chunks) and
+    random rows; ``long_rows`` {row: nnz} sets those rows' first nnz entries. Values scaled by
+    1/degree so that powers of A stay O(1)."""
     g = torch.Generator().manual_seed(seed)
-    dense = (torch.rand(n, n, generator=g) < 0.15).to(torch.float64)
+    dense = (torch.rand(n, n, generator=g) < density).to(torch.float64)
     dense[1] = 0
     dense[0] = 1
+    for r, k in (long_rows or {}).items():
+        dense[r] = 0
+        dense[r, :k] = 1
     dense = dense * torch.rand(n, n, generator=g, dtype=torch.float64)
     dense = dense / dense.sum(1, keepdim=True).clamp_min(1.0)
     mask = dense != 0
@@ -230,3 +239,43 @@ def test_cuda_kernels_match_dense(dtype: str) -> None:
     assert ops.csr_spmm(empty, none, none.to(dt), x).shape == (0, 5)
     z = torch.zeros(n, 0, dtype=dt, device="cuda")
     assert ops.csr_spmm(*parts, z).shape == (n, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_long_rows_match_dense(dtype: str) -> None:
+    """On a GPU: rows past kLongRow = 1024 nonzeros go to the block-per-row kernel. Rows of
+    1024 (the warp kernel's last length) and 1025 (the long kernel's first), several long rows
+    in one 512-row block and one in another, the 2600-long full row 0, every VEC / COLS
+    variant, spmm and propagate (the fused sum, in place), against a dense float64 product;
+    and the result is the same bitwise on a second call (no atomics)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from diffkg_fast.ops._extension import load_extension
+
+    load_extension()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("diffkg_fast::csr_spmm", "CUDA"):
+        pytest.skip("the extension was built without csrc/cuda (no CUDA kernel registered)")
+    dt = getattr(torch, dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dt == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    n = 2600
+    rowptr, col, val, dense = _csr(n, seed=5, dtype=dt, density=0.004,
+                                   long_rows={3: 1025, 4: 1024, 7: 1800, 300: 2000, 1500: 1100})
+    deg = (rowptr[1:] - rowptr[:-1]).tolist()
+    assert deg[0] == n and deg[3] == 1025 and deg[4] == 1024 and deg[1] == 0
+    parts = (rowptr.cuda(), col.cuda(), val.cuda())
+    ops = torch.ops.diffkg_fast
+    for d in (1, 7, 64, 128, 600):
+        x64 = torch.randn(n, d, dtype=torch.float64)
+        aligned = x64.to(dt).cuda()
+        shifted = torch.empty(n * d + 1, dtype=dt, device="cuda")[1:].view(n, d)
+        shifted.copy_(aligned)
+        xd = x64.to(dt).double()
+        ref = dense @ xd
+        for x in (aligned, shifted):
+            out = ops.csr_spmm(*parts, x)
+            torch.testing.assert_close(out.double().cpu(), ref, **tol, msg=f"spmm d={d}")
+            assert torch.equal(ops.csr_spmm(*parts, x), out), f"spmm d={d} not deterministic"
+            total = xd + ref + dense @ ref
+            out = ops.csr_propagate(*parts, x, 2)
+            torch.testing.assert_close(out.double().cpu(), total, **tol, msg=f"propagate d={d}")

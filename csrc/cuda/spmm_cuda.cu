@@ -49,7 +49,7 @@ void launch(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& v
             const at::Tensor& x, T* y, const T* acc_in, T* acc_out, cudaStream_t stream) {
   cuda::launch_csr_spmm<T>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
                            val.data_ptr<T>(), x.data_ptr<T>(), y, acc_in, acc_out,
-                           rowptr.numel() - 1, x.size(1), stream);
+                           rowptr.numel() - 1, x.size(1), col.numel(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -105,7 +105,7 @@ at::Tensor csr_propagate_cuda(const at::Tensor& rowptr_in, const at::Tensor& col
       // cur is a separate tensor from next (ping-pong), acc_in == acc is the in-place sum.
       cuda::launch_csr_spmm<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
                                       val.data_ptr<scalar_t>(), cur, next, acc_in, acc,
-                                      rowptr.numel() - 1, x.size(1), stream);
+                                      rowptr.numel() - 1, x.size(1), col.numel(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cur = next;
     }
