@@ -91,14 +91,17 @@ __device__ __forceinline__ void load_vec_plain(const T* p, T (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = s[i];
 }
 
-// acc += sum_{k in [k0, k1)} val[k] * x[col[k], the tile's vectors of this lane]. The warp
+// acc = sum_{k in [k0, k1)} val[k] * x[col[k], the tile's vectors of this lane]. The warp
 // walks the nonzeros 32 at a time; every lane of the warp must call it with the same k0, k1.
 template <typename T, int VEC, int COLS>
-__device__ __forceinline__ void accumulate_range(const int64_t* __restrict__ col,
-                                                 const T* __restrict__ val,
-                                                 const T* __restrict__ x, int64_t d,
-                                                 int64_t nvec, int64_t tile, int lane, int64_t k0,
-                                                 int64_t k1, T (&acc)[COLS][VEC]) {
+__device__ __forceinline__ void sum_range(const int64_t* __restrict__ col,
+                                          const T* __restrict__ val, const T* __restrict__ x,
+                                          int64_t d, int64_t nvec, int64_t tile, int lane,
+                                          int64_t k0, int64_t k1, T (&acc)[COLS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < COLS; ++c)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[c][i] = T(0);
   for (int64_t base = k0; base < k1; base += kWarp) {
     // Cooperative, coalesced load of up to 32 (col, val) pairs of this row.
     const int64_t k = base + lane;
@@ -156,11 +159,7 @@ csr_spmm_warp_row_kernel(const int64_t* __restrict__ rowptr, const int64_t* __re
 
   for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
     T acc[COLS][VEC];
-#pragma unroll
-    for (int c = 0; c < COLS; ++c)
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[c][i] = T(0);
-    accumulate_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, row_start, row_end, acc);
+    sum_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, row_start, row_end, acc);
 
     const int64_t out_row = row * d;
 #pragma unroll
@@ -219,11 +218,7 @@ csr_spmm_long_row_kernel(const int64_t* __restrict__ rowptr, const int64_t* __re
     const int64_t k1 = s + len * (warp + 1) / kLongWarps;
     for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
       T acc[COLS][VEC];
-#pragma unroll
-      for (int c = 0; c < COLS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[c][i] = T(0);
-      accumulate_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, k0, k1, acc);
+      sum_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, k0, k1, acc);
       __syncthreads();  // the previous tile's partials have been read
 #pragma unroll
       for (int cc = 0; cc < COLS; ++cc)
