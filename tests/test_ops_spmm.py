@@ -8,7 +8,9 @@ TORCH_EXTENSIONS_DIR); the module is skipped only when no C++ compiler or ninja 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.cpp_extension import is_ninja_available
 
+from diffkg_fast.ops import _extension as ext
 from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops import spmm as spmm_mod
 from diffkg_fast.ops._extension import _check_toolchain
@@ -239,3 +242,18 @@ def test_toolchain_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(ce, "is_ninja_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"apt-get install g\+\+.*pip install ninja"):
         _check_toolchain()
+
+
+def test_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
+    # torch's loader waits without a limit while its lock file exists; a killed build leaves it.
+    monkeypatch.setattr(ext, "_build_dir", lambda: tmp_path)
+    lock = tmp_path / "lock"
+    lock.touch()
+    ext._clear_stale_lock()  # fresh: another build may own it; left alone, and said so
+    assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
+    old = time.time() - ext._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="did not finish"):
+        ext._clear_stale_lock()
+    assert not lock.exists()
+    ext._clear_stale_lock()  # no lock: nothing to do

@@ -153,10 +153,37 @@ def _up_to_date(src: Path) -> bool:
     return any(lib.stat().st_mtime >= newest_src for lib in libs)
 
 
+# torch's loader serialises builds with a lock file in the build folder and waits, silently and
+# without a limit, while it exists; a build killed midway leaves it behind, and every later
+# first use then hangs (seen here: a CI run killed during the build hung the next one). A build
+# takes ~40 s on this 2-core machine, so a lock older than 10 minutes has no live owner.
+_STALE_LOCK_S = 600.0
+
+
+def _clear_stale_lock() -> None:
+    d = _build_dir()
+    lock = d / "lock" if d is not None else None
+    if lock is None or not lock.exists():
+        return
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:  # the other build just finished
+        return
+    if age > _STALE_LOCK_S:
+        warnings.warn(f"removing {lock}, left {age / 60:.0f} min ago by a diffkg_fast extension "
+                      "build that did not finish", stacklevel=3)
+        lock.unlink(missing_ok=True)
+    else:
+        print(f"waiting for another process's build of the diffkg_fast CPU extension ({lock}; "
+              "delete it if no build is running)", file=sys.stderr, flush=True)
+
+
 def _jit_build(verbose: bool) -> None:
     _check_toolchain()
     src = source_dir()
     from torch.utils.cpp_extension import load
+
+    _clear_stale_lock()
 
     if verbose or not _up_to_date(src):
         print("building the diffkg_fast CPU extension (once, ~30-60 s; cached in "
