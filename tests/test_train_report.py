@@ -173,6 +173,7 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     lines: list[str] = []
     rep = RunReporter(tmp_path, plot=True, log=lines.append)
+    assert not lines  # said at the first epoch: a refused run prints only its error
     for n in (1, 2, 3):
         rep.epoch_end(_history(n))
     rep.close()

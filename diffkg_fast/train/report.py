@@ -123,19 +123,25 @@ class RunReporter:
                                 f"{VIZ_HINT}", field="--tensorboard") from exc
             self._writer_cls = SummaryWriter
         self.plot = plot and self.out_dir is not None
+        self._note: str | None = None
         if self.plot:
             try:
                 import matplotlib  # noqa: F401 -- only whether it is there
             except ImportError:
                 # Plotting is on by default: a missing optional package must not fail a run.
-                self.log(f"note: matplotlib is not installed, so no {CURVES} is drawn "
-                         f"({VIZ_HINT})")
+                # Said at the first epoch, not here: a run refused before training (a resume
+                # with another config) should print its error alone.
+                self._note = (f"note: matplotlib is not installed, so no {CURVES} is drawn "
+                              f"({VIZ_HINT})")
                 self.plot = False
 
     def epoch_end(self, history: list[dict[str, Any]]) -> None:
         """Report ``history[-1]`` to TensorBoard and redraw ``curves.png`` from all of it."""
         if self.out_dir is None or not history:
             return
+        if self._note is not None:
+            self.log(self._note)
+            self._note = None
         if self._writer_cls is not None:
             if self._writer is None:
                 self._writer = self._writer_cls(log_dir=str(self.out_dir / TB_DIR))
