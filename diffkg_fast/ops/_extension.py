@@ -162,12 +162,12 @@ _STALE_LOCK_S = 600.0
 
 def _clear_stale_lock() -> None:
     d = _build_dir()
-    lock = d / "lock" if d is not None else None
-    if lock is None or not lock.exists():
+    if d is None:
         return
+    lock = d / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:  # the other build just finished
+    except FileNotFoundError:  # no lock, or the other build just finished
         return
     if age > _STALE_LOCK_S:
         warnings.warn(f"removing {lock}, left {age / 60:.0f} min ago by a diffkg_fast extension "

@@ -55,6 +55,7 @@ from diffkg_fast.ops.diffusion import (
     draw_timesteps_noise,
     q_sample,
 )
+from diffkg_fast.ops.graph import csr_offsets
 
 __all__ = ["PRECISIONS", "SamplerFactors", "sample_hidden", "sample_topk_hidden"]
 
@@ -133,8 +134,8 @@ def _sparse_start(fac: SamplerFactors, rowptr: Tensor, col: Tensor,
     row_of, pos = csr_row_entries(rowptr, rows)
     keys = torch.unique(row_of * n_ent + col[pos])  # sorted: grouped by batch row
     row_of, cols = keys // n_ent, keys % n_ent
-    counts = torch.bincount(row_of, minlength=rows.numel())
-    offsets = torch.cumsum(counts, 0) - counts
+    ptr = csr_offsets(row_of, rows.numel())
+    offsets, counts = ptr[:-1], ptr[1:] - ptr[:-1]
     z = F.embedding_bag(cols, fac.w1t, offsets, mode="sum")
     y = F.embedding_bag(cols, fac.w2, offsets, mode="sum")
     p = F.embedding_bag(cols, fac.b2[:, None], offsets, mode="sum")[:, 0]

@@ -19,7 +19,8 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-__all__ = ["KGCSR", "is_symmetric", "kg_with_inverses", "norm_adjacency", "torch_csr"]
+__all__ = ["KGCSR", "csr_offsets", "is_symmetric", "kg_with_inverses", "norm_adjacency",
+           "torch_csr"]
 
 
 def kg_with_inverses(kg: np.ndarray, n_relations: int) -> np.ndarray:
@@ -74,7 +75,7 @@ def kg_with_inverses(kg: np.ndarray, n_relations: int) -> np.ndarray:
     return both[first]
 
 
-def _offsets(keys: Tensor, n: int) -> Tensor:
+def csr_offsets(keys: Tensor, n: int) -> Tensor:
     """``(n + 1,)`` int64 CSR offsets of the groups of equal ``keys`` in ``[0, n)``."""
     # index_add_ into n slots, not bincount(minlength=n): bincount's length is max(n, max+1),
     # data-dependent, which torch.compile before 2.13 refuses to trace (fullgraph, torch 2.11).
@@ -118,7 +119,7 @@ class KGCSR:
         else:  # h * n + t would overflow: two stable sorts give the same (h, t) order
             order = torch.argsort(t, stable=True)
             order = order[torch.argsort(h[order], stable=True)]
-        return cls(_offsets(h, n_entities), t[order].contiguous(), r[order].contiguous(),
+        return cls(csr_offsets(h, n_entities), t[order].contiguous(), r[order].contiguous(),
                    n_entities, n_relations)
 
     @classmethod
@@ -154,14 +155,14 @@ class KGCSR:
         """``(t_rowptr (n_entities + 1,), t_edge (n_edges,))``: the transposed CSR as edge ids
         sorted by tail (stable, so heads ascend within a tail), computed once per graph. The
         fused attention backward adds each tail's gradient through it without atomics."""
-        return self._cached("_by_tail", lambda: (_offsets(self.col, self.n_entities),
+        return self._cached("_by_tail", lambda: (csr_offsets(self.col, self.n_entities),
                                                  torch.argsort(self.col, stable=True)))
 
     @property
     def by_relation(self) -> tuple[Tensor, Tensor]:
         """``(r_rowptr (n_relations + 1,), r_edge (n_edges,))``: edge ids grouped by relation
         (stable), computed once per graph; the attention backward reduces ``dRel`` over them."""
-        return self._cached("_by_relation", lambda: (_offsets(self.rel, self.n_relations),
+        return self._cached("_by_relation", lambda: (csr_offsets(self.rel, self.n_relations),
                                                      torch.argsort(self.rel, stable=True)))
 
     def to(self, device: torch.device | str) -> KGCSR:
