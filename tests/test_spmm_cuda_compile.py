@@ -3,8 +3,8 @@
 What it checks:
 - csrc/cuda/spmm_kernels.cuh (plain CUDA C++, no torch headers) through a tiny driver that
   instantiates the host launcher for float and double, hence every kernel variant shipped
-  (float: VEC 1/2/4 x COLS 1/2/4; double: VEC 1/2 x COLS 1/2/4; each as the warp-per-row and
-  the block-per-long-row kernel), for sm_80 and sm_90 with
+  (float: VEC 1/2/4 x COLS 1/2/4; double: VEC 1/2 x COLS 1/2/4; each as the warp-per-row, the
+  long-row chunk and the chunk-sum kernel; and the chunk-list kernel), for sm_80 and sm_90 with
   `nvcc -Xptxas -v`. Fails on a compile error, on a missing variant, on spill stores or loads
   (> 0 bytes) and on a stack frame (> 0 bytes: for these kernels it could only mean the
   accumulators went to local memory). Prints registers per kernel per arch.
@@ -16,8 +16,9 @@ What it checks:
   Not done here: the host compiler's own compile of the binding and the link against
   libc10_cuda / libtorch_cuda, which a CPU wheel lacks: that happens in the extension build on a
   machine with a CUDA torch.
-Not checked on this machine: that the kernels compute the right numbers (no GPU). On a GPU
-machine, test_cuda_kernels_match_dense below runs every kernel variant against a dense product
+Not checked here: the numbers (tests/test_spmm_cuda_emu.py runs the same kernels on a CPU
+emulator of the warp; a GPU is still the judge). On a GPU machine, test_cuda_kernels_match_dense
+and test_cuda_long_rows_match_dense below run every kernel variant against a dense product
 (skipped without a CUDA device or when the extension was built without csrc/cuda).
 
 The compile check is skipped only when nvcc is absent. The binding compile (~30 s) runs in
@@ -47,17 +48,22 @@ VARIANTS = {("f", v, c) for v in (1, 2, 4) for c in (1, 2, 4)} | {
 DRIVER = """\
 #include "spmm_kernels.cuh"
 namespace k = diffkg_fast::cuda;
-template void k::launch_csr_spmm<float>(const int64_t*, const int64_t*, const float*,
-    const float*, float*, const float*, float*, int64_t, int64_t, int64_t, cudaStream_t);
-template void k::launch_csr_spmm<double>(const int64_t*, const int64_t*, const double*,
-    const double*, double*, const double*, double*, int64_t, int64_t, int64_t, cudaStream_t);
+#define INSTANTIATE(T)                                                                      \\
+  template void k::launch_csr_spmm<T>(const int64_t*, const int64_t*, const T*, const T*, T*, \\
+                                      int64_t, int64_t, const k::LongRowWork<T>&,           \\
+                                      cudaStream_t);                                        \\
+  template void k::launch_csr_propagate<T>(const int64_t*, const int64_t*, const T*,        \\
+                                           const T*, T*, T*, T*, int64_t, int64_t, int64_t, \\
+                                           const k::LongRowWork<T>&, cudaStream_t);
+INSTANTIATE(float)
+INSTANTIATE(double)
 """
 
 ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
-VARIANT = re.compile(r"csr_spmm_(warp|long)_row_kernelI([fd])Li(\d+)ELi(\d+)E")
-KERNELS = ("warp", "long")  # the warp-per-row kernel and the block-per-long-row kernel
+VARIANT = re.compile(r"csr_spmm_(warp_row|chunk|chunk_sum)_kernelI([fd])Li(\d+)ELi(\d+)E")
+KERNELS = ("warp_row", "chunk", "chunk_sum")  # short rows; long rows' chunks; their sum
 
 
 def find_nvcc() -> str | None:
@@ -88,7 +94,7 @@ def parse_ptxas(text: str) -> dict[tuple[str, str], dict[str, int]]:
 def check_kernels(stats: dict[tuple[str, str], dict[str, int]], archs: tuple[str, ...]) -> None:
     for (name, arch), s in sorted(stats.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         m = VARIANT.search(name)
-        label = (f"{m[1]}-row {'float' if m[2] == 'f' else 'double'} VEC={m[3]} COLS={m[4]}"
+        label = (f"{m[1]} {'float' if m[2] == 'f' else 'double'} VEC={m[3]} COLS={m[4]}"
                  if m else name)
         print(
             f"{arch} {label}: {s.get('regs')} registers, stack {s.get('stack')} B, "
@@ -104,6 +110,8 @@ def check_kernels(stats: dict[tuple[str, str], dict[str, int]], archs: tuple[str
     }
     assert not bad, f"spills, local memory or unparsed ptxas output: {bad}"
     for arch in archs:
+        assert any("csr_list_long_rows_kernel" in name for name, a in stats if a == arch), (
+            f"{arch}: the chunk-list kernel was not compiled")
         for kernel in KERNELS:
             found = {
                 (m[2], int(m[3]), int(m[4]))
@@ -111,7 +119,7 @@ def check_kernels(stats: dict[tuple[str, str], dict[str, int]], archs: tuple[str
                 if a == arch and (m := VARIANT.search(name)) and m[1] == kernel
             }
             assert found == VARIANTS, (
-                f"{arch} {kernel}-row: variants {sorted(found)} != {sorted(VARIANTS)}")
+                f"{arch} {kernel}: variants {sorted(found)} != {sorted(VARIANTS)}")
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -244,11 +252,13 @@ def test_cuda_kernels_match_dense(dtype: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cuda_long_rows_match_dense(dtype: str) -> None:
-    """On a GPU: rows past kLongRow = 1024 nonzeros go to the block-per-row kernel. Rows of
-    1024 (the warp kernel's last length) and 1025 (the long kernel's first), several long rows
-    in one 512-row block and one in another, the 2600-long full row 0, every VEC / COLS
-    variant, spmm and propagate (the fused sum, in place), against a dense float64 product;
-    and the result is the same bitwise on a second call (no atomics)."""
+    """On a GPU: rows past kLongRow = 512 nonzeros are cut into chunks of kChunk = 256 (the
+    chunk list, the chunk kernel, the chunk sum). Rows of 512 (the warp kernel's last length),
+    513 (the first long one), 768 (three whole chunks) and 769, long rows side by side (their
+    slots in the list then depend on the schedule), the 2600-long full row 0, every VEC / COLS
+    variant, spmm and propagate (the fused sum, in place; the list is made once per call),
+    against a dense float64 product; and the result is the same bitwise on a second call (no
+    atomics on the data, partials added in chunk order)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from diffkg_fast.ops._extension import load_extension
@@ -260,9 +270,10 @@ def test_cuda_long_rows_match_dense(dtype: str) -> None:
     tol = {"rtol": 1e-5, "atol": 1e-5} if dt == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     n = 2600
     rowptr, col, val, dense = _csr(n, seed=5, dtype=dt, density=0.004,
-                                   long_rows={3: 1025, 4: 1024, 7: 1800, 300: 2000, 1500: 1100})
+                                   long_rows={3: 513, 4: 512, 5: 768, 6: 769, 7: 1800, 300: 2000,
+                                              1500: 1100})
     deg = (rowptr[1:] - rowptr[:-1]).tolist()
-    assert deg[0] == n and deg[3] == 1025 and deg[4] == 1024 and deg[1] == 0
+    assert deg[0] == n and deg[3] == 513 and deg[4] == 512 and deg[5] == 768 and deg[1] == 0
     parts = (rowptr.cuda(), col.cuda(), val.cuda())
     ops = torch.ops.diffkg_fast
     for d in (1, 7, 64, 128, 600):

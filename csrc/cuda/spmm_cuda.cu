@@ -44,13 +44,26 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
   // caller's contract (diffkg_fast.ops.spmm builds the CSR from a torch sparse tensor).
 }
 
+// Workspace of the long rows (spmm_kernels.cuh): one int64 buffer holding the chunk counter
+// (zeroed here, a one-element fill) and the chunk list, and the partial products. Empty when no
+// row can be long (nnz <= kLongRow). Its size is a bound known from nnz, so nothing here waits
+// for the device.
+struct Workspace {
+  at::Tensor list, partial;
+};
+
 template <typename T>
-void launch(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& val,
-            const at::Tensor& x, T* y, const T* acc_in, T* acc_out, cudaStream_t stream) {
-  cuda::launch_csr_spmm<T>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                           val.data_ptr<T>(), x.data_ptr<T>(), y, acc_in, acc_out,
-                           rowptr.numel() - 1, x.size(1), col.numel(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+cuda::LongRowWork<T> long_row_work(Workspace& ws, const at::Tensor& x, int64_t nnz) {
+  cuda::LongRowWork<T> work;
+  work.max_chunks = cuda::max_long_chunks(nnz);
+  if (work.max_chunks == 0) return work;
+  ws.list = at::empty({1 + 2 * work.max_chunks}, x.options().dtype(at::kLong));
+  ws.list.narrow(0, 0, 1).zero_();
+  ws.partial = at::empty({work.max_chunks, x.size(1)}, x.options());
+  work.count = reinterpret_cast<unsigned long long*>(ws.list.data_ptr<int64_t>());
+  work.chunks = ws.list.data_ptr<int64_t>() + 1;
+  work.partial = ws.partial.data_ptr<T>();
+  return work;
 }
 
 at::Tensor csr_spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in,
@@ -66,15 +79,18 @@ at::Tensor csr_spmm_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in,
   if (n_rows == 0 || x.size(1) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_spmm_cuda", [&] {
-    launch<scalar_t>(rowptr, col, val, x, out.data_ptr<scalar_t>(), nullptr, nullptr, stream);
+    Workspace ws;
+    const auto work = long_row_work<scalar_t>(ws, x, col.numel());
+    cuda::launch_csr_spmm<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                                    val.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>(), n_rows, x.size(1), work, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-// out = sum_{l=0..layers} A^l x. Layer l reads the previous product (x for l = 1) and, in the
-// kernel's epilogue, adds its product into `out` (out = x + A x at l = 1, so no copy of x). The
-// product itself is stored only when a later layer reads it, in two ping-pong buffers: the
-// temporaries are min(layers - 1, 2) buffers of x's size.
+// out = sum_{l=0..layers} A^l x (launch_csr_propagate: the running sum in the kernels'
+// epilogue, the products in min(layers - 1, 2) ping-pong buffers of x's size).
 at::Tensor csr_propagate_cuda(const at::Tensor& rowptr_in, const at::Tensor& col_in,
                               const at::Tensor& val_in, const at::Tensor& x_in, int64_t layers) {
   check_csr(rowptr_in, col_in, val_in, x_in, "csr_propagate");
@@ -97,18 +113,15 @@ at::Tensor csr_propagate_cuda(const at::Tensor& rowptr_in, const at::Tensor& col
     bufs[i] = at::empty_like(x, at::MemoryFormat::Contiguous);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_propagate_cuda", [&] {
-    const scalar_t* cur = x.data_ptr<scalar_t>();
-    scalar_t* acc = out.data_ptr<scalar_t>();
-    for (int64_t l = 1; l <= layers; ++l) {
-      scalar_t* next = l == layers ? nullptr : bufs[(l - 1) % 2].data_ptr<scalar_t>();
-      const scalar_t* acc_in = l == 1 ? x.data_ptr<scalar_t>() : acc;
-      // cur is a separate tensor from next (ping-pong), acc_in == acc is the in-place sum.
-      cuda::launch_csr_spmm<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                                      val.data_ptr<scalar_t>(), cur, next, acc_in, acc,
-                                      rowptr.numel() - 1, x.size(1), col.numel(), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cur = next;
-    }
+    Workspace ws;
+    const auto work = long_row_work<scalar_t>(ws, x, col.numel());
+    scalar_t* buf0 = bufs[0].defined() ? bufs[0].data_ptr<scalar_t>() : nullptr;
+    scalar_t* buf1 = bufs[1].defined() ? bufs[1].data_ptr<scalar_t>() : nullptr;
+    cuda::launch_csr_propagate<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                                         val.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                         out.data_ptr<scalar_t>(), buf0, buf1, rowptr.numel() - 1,
+                                         x.size(1), layers, work, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }

@@ -1,7 +1,9 @@
 // CSR x dense SpMM kernels for diffkg_fast (csr_spmm, csr_propagate), CUDA key.
 //
 // Plain CUDA C++, no torch headers: tests/test_spmm_cuda_compile.py compiles this header with
-// nvcc -Xptxas -v on a machine without a GPU (the torch binding is csrc/cuda/spmm_cuda.cu).
+// nvcc -Xptxas -v on a machine without a GPU (the torch binding is csrc/cuda/spmm_cuda.cu), and
+// tests/test_spmm_cuda_emu.py runs it on the CPU with the warp emulator of tests/cuda_emu/
+// (DIFFKG_FAST_CUDA_EMU: every lane a fiber, __shfl_sync a lockstep exchange).
 //
 // Math: y[r, :] = sum_{k in rowptr[r] .. rowptr[r+1]} val[k] * x[col[k], :]
 //   with the optional fused epilogue of csr_propagate's running layer sum:
@@ -9,7 +11,7 @@
 //
 // Design (GE-SpMM, SC20: warp per row, coalesced row caching, several output columns per lane):
 // - One warp per output row; 8 warps (256 threads) per block, so a block covers 8 rows. Rows are
-//   independent, so no shared memory and no atomics: the result is deterministic.
+//   independent, so no shared memory and no atomics on the data: the result is deterministic.
 // - The warp walks its row's nonzeros 32 at a time: lane i loads the pair (col[k+i], val[k+i])
 //   (one coalesced 8-byte load per array for the warp), then the 32 pairs are broadcast with
 //   __shfl_sync, so every x row index reaches all lanes without a shared-memory round trip.
@@ -24,21 +26,38 @@
 //   L1/L2). Accumulators live in registers: VEC * COLS <= 16 scalars per lane.
 // - Accumulation in T (fp32 for float, fp64 for double), in nonzero order.
 // - Offsets and indices are int64 throughout (nnz and n_rows * d may exceed 2^31).
-// - Long rows (more than kLongRow = 1024 nonzeros) are skipped by the warp-per-row kernel and
-//   taken by csr_spmm_long_row_kernel, one 512-thread block (16 warps) per row: each warp sums a
-//   contiguous 1/16 of the row, the 16 partial tiles meet in shared memory and are added in warp
-//   order, so the result stays deterministic (no atomics). Why: on the benchmark graphs the
-//   longest row holds 13.7k (Gowalla), 39.9k (iFashion) and 24.9k (Last-FM) nonzeros, while an
-//   H200's 132 x 64 resident warps share ~190 / ~420 / ~720 nonzeros each; one warp walking the
-//   longest row alone would be ~95x the balanced time on iFashion, a block of 16 warps ~6x
-//   (estimates from the degree counts, not measured: no GPU has run this yet). Splitting a row
-//   over several blocks would balance fully, at the cost of a partial-sum buffer and a pass.
+//
+// Long rows (nnz-balanced): a row of more than kLongRow = 512 nonzeros is cut into chunks of
+// kChunk = 256 nonzeros, and every chunk is one warp's work, like a short row. Why: on the
+// benchmark graphs the longest row holds 13.7k (Gowalla), 39.9k (iFashion) and 24.9k (Last-FM)
+// nonzeros, while an H200's 132 x 64 resident warps share ~190 / ~420 / ~720 nonzeros each; the
+// rows past 512 nonzeros number 229 / 532 / 1,339 and hold 20% / 25% / 32% of all nonzeros (1,391
+// / 3,729 / 8,344 chunks). One warp on the longest row alone would take ~95x the balanced time on
+// iFashion; with chunks no warp holds more than 512 nonzeros (estimates from the degree counts: no GPU has run this yet). Launches,
+// in stream order, with no host sync and no data-dependent allocation:
+//   0. csr_list_long_rows_kernel (once per op call): each long row reserves ceil(len / kChunk)
+//      consecutive slots of the chunk list (one atomicAdd on a counter) and writes each chunk's
+//      (row, first nonzero) there. Slot order across rows depends on scheduling; the chunks of
+//      one row are consecutive and in order.
+//   1. csr_spmm_warp_row_kernel: the short rows, a warp each; it skips the long ones.
+//   2. csr_spmm_chunk_kernel: one warp per listed chunk writes the chunk's partial product, a
+//      d-wide row of `partial` (grid-stride over the list, at most kMaxChunkBlocks blocks).
+//   3. csr_spmm_chunk_sum_kernel: the warp holding a row's first chunk adds the row's partials
+//      in chunk order and applies the epilogue. Fixed order: the result does not depend on
+//      scheduling (bitwise repeatable), with no atomics on the data.
+// The chunk list and `partial` are workspace from the caller (LongRowWork, sized by
+// max_long_chunks(nnz) = nnz / kChunk + nnz / (kLongRow + 1) chunks: a bound, since each long
+// row adds at most one partly filled chunk and there are at most nnz / (kLongRow + 1) long
+// rows). csr_propagate lists the chunks once, in its first layer, and reuses them.
 // Known limit: for d < 32 part of each warp idles (a sub-warp-per-row variant would fix that).
 #pragma once
 
 #include <cstdint>
-#include <cuda_runtime.h>
 #include <limits>
+#include <type_traits>
+#ifndef DIFFKG_FAST_CUDA_EMU
+#include <cuda_runtime.h>
+#endif
 
 namespace diffkg_fast {
 namespace cuda {
@@ -47,9 +66,35 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;  // 256 threads: 8 rows per block, full occupancy on sm_80/90
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int64_t kLongRow = 1024;  // nonzeros above which a row gets a whole block
-constexpr int kLongWarps = 16;      // warps of the long-row block
-constexpr int kLongThreads = kWarp * kLongWarps;
+#ifndef DIFFKG_FAST_LONG_ROW  // overridable only so the CPU emulation test can use small graphs
+constexpr int64_t kLongRow = 512;  // nonzeros above which a row is cut into chunks
+constexpr int64_t kChunk = 256;    // nonzeros per chunk (the last chunk of a row: 1..kChunk)
+#else
+constexpr int64_t kLongRow = DIFFKG_FAST_LONG_ROW;
+constexpr int64_t kChunk = DIFFKG_FAST_CHUNK;
+#endif
+static_assert(kChunk > 0 && kLongRow >= kChunk, "a long row has at least one full chunk");
+// Grid cap of the chunk kernels (they grid-stride over the list): 1024 x 8 warps ~ the 8,448
+// resident warps of an H200, so every listed chunk starts in the first wave.
+constexpr int64_t kMaxChunkBlocks = 1024;
+
+// Upper bound on the chunks of all long rows of a CSR with nnz nonzeros (0: no row can be long).
+inline int64_t max_long_chunks(int64_t nnz) {
+  return nnz > kLongRow ? nnz / kChunk + nnz / (kLongRow + 1) : 0;
+}
+
+// Workspace of the long rows, from the caller (the torch binding allocates it per op call).
+//   count:   1 counter, zero before the layer that lists the chunks;
+//   chunks:  2 * max_chunks int64, (row, first nonzero) per listed chunk;
+//   partial: max_chunks x d scalars, each listed chunk's partial product.
+// max_chunks == 0 (nnz <= kLongRow): no row is long, one launch per layer and no workspace.
+template <typename T>
+struct LongRowWork {
+  unsigned long long* count = nullptr;
+  int64_t* chunks = nullptr;
+  T* partial = nullptr;
+  int64_t max_chunks = 0;
+};
 
 // Vector type of VEC scalars of T; VEC * sizeof(T) is 4, 8 or 16 bytes.
 template <typename T, int VEC>
@@ -134,11 +179,55 @@ __device__ __forceinline__ void sum_range(const int64_t* __restrict__ col,
   }
 }
 
+// The tile's vectors of one output row: y = acc when y is non-null; acc_out = acc_in + acc when
+// acc_out is non-null. `off_row` is the row's first scalar (row * d).
+template <typename T, int VEC, int COLS>
+__device__ __forceinline__ void store_tile(T* __restrict__ y, const T* acc_in, T* acc_out,
+                                           int64_t off_row, int64_t nvec, int64_t tile,
+                                           int lane, const T (&acc)[COLS][VEC]) {
+#pragma unroll
+  for (int cc = 0; cc < COLS; ++cc) {
+    const int64_t vi = tile + cc * kWarp + lane;
+    if (vi < nvec) {
+      const int64_t off = off_row + vi * VEC;
+      if (y != nullptr) store_vec<T, VEC>(y + off, acc[cc]);
+      if (acc_out != nullptr) {
+        T prev[VEC];
+        load_vec_plain<T, VEC>(acc_in + off, prev);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) prev[i] += acc[cc][i];
+        store_vec<T, VEC>(acc_out + off, prev);
+      }
+    }
+  }
+}
+
+// Lists the long rows' chunks: one thread per row; a row of len > kLongRow nonzeros reserves
+// ceil(len / kChunk) consecutive slots with one atomicAdd on *count (zero before the launch) and
+// writes chunk c as (row, s + c * kChunk). A kernel of its own, not a branch of the warp-per-row
+// kernel: with the branch, ptxas spilled 4-8 bytes in 3 of the 15 variants of that kernel
+// (sm_90, nvcc 13.0), and without it the kernel keeps the registers it had (32-74, no spill).
+__global__ void __launch_bounds__(kThreads)
+csr_list_long_rows_kernel(const int64_t* __restrict__ rowptr, int64_t n_rows,
+                          unsigned long long* count, int64_t* __restrict__ chunks) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (row >= n_rows) return;
+  const int64_t s = rowptr[row];
+  const int64_t len = rowptr[row + 1] - s;
+  if (len <= kLongRow) return;
+  const int64_t n = (len + kChunk - 1) / kChunk;
+  const int64_t base = static_cast<int64_t>(atomicAdd(count, static_cast<unsigned long long>(n)));
+  for (int64_t c = 0; c < n; ++c) {
+    chunks[2 * (base + c)] = row;
+    chunks[2 * (base + c) + 1] = s + c * kChunk;
+  }
+}
+
 // Warp-per-row CSR SpMM with the optional fused running-sum epilogue.
 //   y       (n_rows, d) or nullptr: the product is written here when non-null.
 //   acc_in  (n_rows, d) or nullptr; acc_out (n_rows, d) or nullptr: when acc_out is non-null,
 //           acc_out = acc_in + product (acc_in must then be non-null; it may equal acc_out).
-//   max_nnz: rows with more nonzeros are left to csr_spmm_long_row_kernel.
+//   max_nnz: rows with more nonzeros are long, left to the chunk kernels.
 // Requirements (checked by the launcher's caller): d % VEC == 0, x / y / acc pointers aligned to
 // VEC * sizeof(T), 0 <= col[k] < rows of x, rowptr non-decreasing.
 template <typename T, int VEC, int COLS>
@@ -154,92 +243,122 @@ csr_spmm_warp_row_kernel(const int64_t* __restrict__ rowptr, const int64_t* __re
 
   const int64_t row_start = rowptr[row];
   const int64_t row_end = rowptr[row + 1];
-  if (row_end - row_start > max_nnz) return;  // warp-uniform: a long row, another kernel's
+  if (row_end - row_start > max_nnz) return;  // warp-uniform: a long row, the chunks' work
   const int64_t nvec = d / VEC;  // vectors per dense row
-
   for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
     T acc[COLS][VEC];
     sum_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, row_start, row_end, acc);
+    store_tile<T, VEC, COLS>(y, acc_in, acc_out, row * d, nvec, tile, lane, acc);
+  }
+}
 
-    const int64_t out_row = row * d;
-#pragma unroll
-    for (int cc = 0; cc < COLS; ++cc) {
-      const int64_t vi = tile + cc * kWarp + lane;
-      if (vi < nvec) {
-        const int64_t off = out_row + vi * VEC;
-        if (y != nullptr) store_vec<T, VEC>(y + off, acc[cc]);
-        if (acc_out != nullptr) {
-          T prev[VEC];
-          load_vec_plain<T, VEC>(acc_in + off, prev);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) prev[i] += acc[cc][i];
-          store_vec<T, VEC>(acc_out + off, prev);
-        }
-      }
+// One warp per listed chunk (grid-stride over the *count chunks): partial[j, :] = the product
+// of chunk j's nonzeros [k0, min(k0 + kChunk, end of its row)).
+// __launch_bounds__(kThreads, 2): with kThreads alone ptxas spilled 8-32 bytes in 6 of the 15
+// variants (sm_80 / sm_90, nvcc 13.0); with the hint, none (38-124 registers).
+template <typename T, int VEC, int COLS>
+__global__ void __launch_bounds__(kThreads, 2)
+csr_spmm_chunk_kernel(const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
+                      const T* __restrict__ val, const T* __restrict__ x, int64_t d,
+                      const unsigned long long* count, const int64_t* __restrict__ chunks,
+                      T* __restrict__ partial) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t n_chunks = static_cast<int64_t>(*count);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t nvec = d / VEC;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+       j < n_chunks; j += stride) {  // warp-uniform bounds
+    const int64_t row = chunks[2 * j];
+    const int64_t k0 = chunks[2 * j + 1];
+    const int64_t end = rowptr[row + 1];
+    const int64_t k1 = end - k0 < kChunk ? end : k0 + kChunk;
+    for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
+      T acc[COLS][VEC];
+      sum_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, k0, k1, acc);
+      store_tile<T, VEC, COLS>(partial, nullptr, nullptr, j * d, nvec, tile, lane, acc);
     }
   }
 }
 
-// The rows with more than kLongRow nonzeros, one block of kLongWarps warps per row. Block b
-// looks at rows [b * kLongThreads, (b + 1) * kLongThreads): each thread tests one row's length,
-// the long ones are listed in shared memory, and the block takes them one after the other.
-// Warp w sums nonzeros [s + len * w / 16, s + len * (w + 1) / 16) of a row into registers (the
-// same per-lane tile layout as the warp-per-row kernel); the 16 partial tiles are stored in
-// shared memory and each output scalar is the sum of its 16 partials in warp order (fixed, so
-// the result does not depend on scheduling). Same arguments and requirements as above.
-// __launch_bounds__(512, 1): with the minimum-blocks hint left out, ptxas held these variants
-// at 32-64 registers and spilled 4-40 bytes (sm_80 and sm_90, nvcc 13.0); with it, 56-64
-// registers and no spill (tests/test_spmm_cuda_compile.py checks every variant).
+// The warp holding a long row's first chunk sums the row's ceil(len / kChunk) partials in chunk
+// order (they are consecutive in the list) and writes the row: y and / or acc_out = acc_in + sum,
+// as the warp-per-row kernel does for a short row. The other chunks' warps do nothing.
 template <typename T, int VEC, int COLS>
-__global__ void __launch_bounds__(kLongThreads, 1)
-csr_spmm_long_row_kernel(const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
-                         const T* __restrict__ val, const T* __restrict__ x, T* __restrict__ y,
-                         const T* acc_in, T* acc_out, int64_t n_rows, int64_t d) {
-  constexpr int kTile = kWarp * COLS * VEC;  // scalars of one column tile
-  __shared__ int64_t long_rows[kLongThreads];
-  __shared__ int n_long;
-  __shared__ T part[kLongWarps][kTile];  // <= 16 x 512 floats or 16 x 256 doubles: 32 KB
-  const int warp = threadIdx.x >> 5;
+__global__ void __launch_bounds__(kThreads)
+csr_spmm_chunk_sum_kernel(const int64_t* __restrict__ rowptr, int64_t d,
+                          const unsigned long long* count, const int64_t* __restrict__ chunks,
+                          const T* __restrict__ partial, T* __restrict__ y, const T* acc_in,
+                          T* acc_out) {
   const int lane = threadIdx.x & (kWarp - 1);
-
-  if (threadIdx.x == 0) n_long = 0;
-  __syncthreads();
-  const int64_t mine = static_cast<int64_t>(blockIdx.x) * kLongThreads + threadIdx.x;
-  if (mine < n_rows && rowptr[mine + 1] - rowptr[mine] > kLongRow)
-    long_rows[atomicAdd(&n_long, 1)] = mine;  // list order is irrelevant: rows are independent
-  __syncthreads();
-
+  const int64_t n_chunks = static_cast<int64_t>(*count);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const int64_t nvec = d / VEC;
-  for (int r = 0; r < n_long; ++r) {  // block-uniform bounds: the barriers below are safe
-    const int64_t row = long_rows[r];
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+       j < n_chunks; j += stride) {
+    const int64_t row = chunks[2 * j];
     const int64_t s = rowptr[row];
-    const int64_t len = rowptr[row + 1] - s;
-    const int64_t k0 = s + len * warp / kLongWarps;
-    const int64_t k1 = s + len * (warp + 1) / kLongWarps;
+    if (chunks[2 * j + 1] != s) continue;  // not the row's first chunk (warp-uniform)
+    const int64_t n = (rowptr[row + 1] - s + kChunk - 1) / kChunk;
     for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
       T acc[COLS][VEC];
-      sum_range<T, VEC, COLS>(col, val, x, d, nvec, tile, lane, k0, k1, acc);
-      __syncthreads();  // the previous tile's partials have been read
 #pragma unroll
       for (int cc = 0; cc < COLS; ++cc)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) part[warp][(cc * kWarp + lane) * VEC + i] = acc[cc][i];
-      __syncthreads();
-      // Scalar q of the tile is component q % VEC of vector tile + q / VEC: consecutive threads
-      // write consecutive addresses of the output row.
-      const int64_t tile_end = (nvec - tile) * VEC;  // scalars of this tile inside the row
-      for (int q = threadIdx.x; q < kTile; q += kLongThreads) {
-        if (q < tile_end) {
-          T sum = part[0][q];
+        for (int i = 0; i < VEC; ++i) acc[cc][i] = T(0);
+      for (int64_t c = 0; c < n; ++c) {
+        const T* prow = partial + (j + c) * d;
 #pragma unroll
-          for (int w = 1; w < kLongWarps; ++w) sum += part[w][q];
-          const int64_t off = row * d + tile * VEC + q;
-          if (y != nullptr) y[off] = sum;
-          if (acc_out != nullptr) acc_out[off] = acc_in[off] + sum;
+        for (int cc = 0; cc < COLS; ++cc) {
+          const int64_t vi = tile + cc * kWarp + lane;
+          if (vi < nvec) {
+            T pv[VEC];
+            load_vec<T, VEC>(prow + vi * VEC, pv);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[cc][i] += pv[i];
+          }
         }
       }
+      store_tile<T, VEC, COLS>(y, acc_in, acc_out, row * d, nvec, tile, lane, acc);
     }
   }
+}
+
+// Launch `kernel` (a __global__ function) on `stream`; under DIFFKG_FAST_CUDA_EMU, on the CPU
+// warp emulator instead. Launching through the function's address is plain CUDA.
+template <typename... P, typename... A>
+inline void launch_kernel(void (*kernel)(P...), int64_t blocks, int threads,
+                          cudaStream_t stream, A... args) {
+#ifdef DIFFKG_FAST_CUDA_EMU
+  (void)stream;
+  emu::launch(blocks, threads, [=] { kernel(static_cast<P>(args)...); });
+#else
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<P>(args)...);
+#endif
+}
+
+// One product (one LightGCN layer): the warp-per-row kernel, then, when the CSR can hold long
+// rows, the chunk kernel and the chunk sum (after the chunk listing, when `list`). `list`: this launch lists the long rows' chunks
+// (work.count must be zero); otherwise work.chunks holds them from an earlier launch on the
+// same CSR.
+template <typename T, int VEC, int COLS>
+inline void launch_product(const int64_t* rowptr, const int64_t* col, const T* val, const T* x,
+                           T* y, const T* acc_in, T* acc_out, int64_t n_rows, int64_t d,
+                           const LongRowWork<T>& work, bool list, cudaStream_t stream) {
+  const bool split = work.max_chunks > 0;
+  if (split && list)
+    launch_kernel(&csr_list_long_rows_kernel, (n_rows + kThreads - 1) / kThreads, kThreads,
+                  stream, rowptr, n_rows, work.count, work.chunks);
+  const int64_t blocks = (n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  launch_kernel(&csr_spmm_warp_row_kernel<T, VEC, COLS>, blocks, kThreads, stream, rowptr, col,
+                val, x, y, acc_in, acc_out, n_rows, d,
+                split ? kLongRow : std::numeric_limits<int64_t>::max());
+  if (!split) return;
+  int64_t chunk_blocks = (work.max_chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (chunk_blocks > kMaxChunkBlocks) chunk_blocks = kMaxChunkBlocks;
+  launch_kernel(&csr_spmm_chunk_kernel<T, VEC, COLS>, chunk_blocks, kThreads, stream, rowptr,
+                col, val, x, d, work.count, work.chunks, work.partial);
+  launch_kernel(&csr_spmm_chunk_sum_kernel<T, VEC, COLS>, chunk_blocks, kThreads, stream,
+                rowptr, d, work.count, work.chunks, work.partial, y, acc_in, acc_out);
 }
 
 // Widest vector (in scalars) usable for a dense width d and the given pointers: 16 bytes, then
@@ -266,67 +385,63 @@ inline int pick_cols(int64_t nvec) {
   return 4;
 }
 
-template <typename T, int VEC, int COLS>
-inline void launch_variant(const int64_t* rowptr, const int64_t* col, const T* val, const T* x,
-                           T* y, const T* acc_in, T* acc_out, int64_t n_rows, int64_t d,
-                           int64_t nnz, cudaStream_t stream) {
-  // With nnz <= kLongRow no row can be long: one kernel, no second launch.
-  const bool split = nnz > kLongRow;
-  const int64_t blocks = (n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  csr_spmm_warp_row_kernel<T, VEC, COLS><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      rowptr, col, val, x, y, acc_in, acc_out, n_rows, d,
-      split ? kLongRow : std::numeric_limits<int64_t>::max());
-  if (split) {
-    const int64_t long_blocks = (n_rows + kLongThreads - 1) / kLongThreads;
-    csr_spmm_long_row_kernel<T, VEC, COLS>
-        <<<static_cast<unsigned>(long_blocks), kLongThreads, 0, stream>>>(
-            rowptr, col, val, x, y, acc_in, acc_out, n_rows, d);
+// Calls f(std::integral_constant<int, VEC>, std::integral_constant<int, COLS>) for the variant
+// that d and the pointers allow (float: VEC 1/2/4, double: VEC 1/2; COLS 1/2/4).
+template <typename T, typename F>
+inline void with_variant(int64_t d, const void* const* ptrs, int n_ptrs, F&& f) {
+  using std::integral_constant;
+  const int vec = pick_vec<T>(d, ptrs, n_ptrs);
+  const int cols = pick_cols(d / vec);
+  auto by_cols = [&](auto v) {
+    if (cols == 1) f(v, integral_constant<int, 1>{});
+    else if (cols == 2) f(v, integral_constant<int, 2>{});
+    else f(v, integral_constant<int, 4>{});
+  };
+  if constexpr (sizeof(T) == 4) {
+    if (vec == 4) return by_cols(integral_constant<int, 4>{});
   }
+  if (vec == 2) by_cols(integral_constant<int, 2>{});
+  else by_cols(integral_constant<int, 1>{});
 }
 
-template <typename T, int VEC>
-inline void launch_cols(int cols, const int64_t* rowptr, const int64_t* col, const T* val,
-                        const T* x, T* y, const T* acc_in, T* acc_out, int64_t n_rows,
-                        int64_t d, int64_t nnz, cudaStream_t stream) {
-  switch (cols) {
-    case 1:
-      launch_variant<T, VEC, 1>(rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz,
-                                stream);
-      break;
-    case 2:
-      launch_variant<T, VEC, 2>(rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz,
-                                stream);
-      break;
-    default:
-      launch_variant<T, VEC, 4>(rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz,
-                                stream);
-      break;
-  }
-}
-
-// Host launcher: picks VEC and COLS and launches on `stream`. Does nothing for an empty output.
-// nnz = col's length (a bound on any row's length: at most kLongRow means no long-row launch).
-// The caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK in spmm_cuda.cu). Grid: one block
-// per 8 rows, so n_rows < 8 * (2^31 - 1) (gridDim.x limit); the caller checks it.
+// Host launcher of csr_spmm: y = A x (n_rows x d). nnz = col's length (bounds every row's
+// length); `work` sized for max_long_chunks(nnz), its counter zero. Does nothing for an empty
+// output. The caller checks the launches (C10_CUDA_KERNEL_LAUNCH_CHECK in spmm_cuda.cu). Grid:
+// one block per 8 rows, so n_rows < 8 * (2^31 - 1) (gridDim.x limit); the caller checks it.
 template <typename T>
 inline void launch_csr_spmm(const int64_t* rowptr, const int64_t* col, const T* val, const T* x,
-                            T* y, const T* acc_in, T* acc_out, int64_t n_rows, int64_t d,
-                            int64_t nnz, cudaStream_t stream) {
+                            T* y, int64_t n_rows, int64_t d, const LongRowWork<T>& work,
+                            cudaStream_t stream) {
   if (n_rows <= 0 || d <= 0) return;
-  const void* ptrs[4] = {x, y, acc_in, acc_out};
-  const int vec = pick_vec<T>(d, ptrs, 4);
-  const int cols = pick_cols(d / vec);
-  if constexpr (sizeof(T) == 4) {
-    if (vec == 4) {
-      launch_cols<T, 4>(cols, rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz, stream);
-      return;
+  const void* ptrs[3] = {x, y, work.partial};
+  with_variant<T>(d, ptrs, 3, [&](auto vec, auto cols) {
+    launch_product<T, decltype(vec)::value, decltype(cols)::value>(
+        rowptr, col, val, x, y, nullptr, nullptr, n_rows, d, work, true, stream);
+  });
+}
+
+// Host launcher of csr_propagate: out = sum_{l=0..layers} A^l x for a square A (layers >= 1).
+// Layer l reads the previous product (x for l = 1) and, in the epilogue, adds its product into
+// `out` (out = x + A x at l = 1, so no copy of x). The product itself is stored only when a later
+// layer reads it, in the ping-pong buffers buf0 / buf1 (n_rows x d; buf0 needed when layers >= 2,
+// buf1 when layers >= 3). The first layer lists the long rows' chunks, the others reuse them.
+template <typename T>
+inline void launch_csr_propagate(const int64_t* rowptr, const int64_t* col, const T* val,
+                                 const T* x, T* out, T* buf0, T* buf1, int64_t n_rows,
+                                 int64_t d, int64_t layers, const LongRowWork<T>& work,
+                                 cudaStream_t stream) {
+  if (n_rows <= 0 || d <= 0) return;
+  const void* ptrs[5] = {x, out, buf0, buf1, work.partial};
+  with_variant<T>(d, ptrs, 5, [&](auto vec, auto cols) {
+    const T* cur = x;
+    for (int64_t l = 1; l <= layers; ++l) {
+      T* next = l == layers ? nullptr : ((l - 1) % 2 == 0 ? buf0 : buf1);
+      const T* acc_in = l == 1 ? x : out;  // acc_in == out from layer 2: the in-place sum
+      launch_product<T, decltype(vec)::value, decltype(cols)::value>(
+          rowptr, col, val, cur, next, acc_in, out, n_rows, d, work, l == 1, stream);
+      cur = next;
     }
-  }
-  if (vec == 2) {
-    launch_cols<T, 2>(cols, rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz, stream);
-  } else {
-    launch_cols<T, 1>(cols, rowptr, col, val, x, y, acc_in, acc_out, n_rows, d, nnz, stream);
-  }
+  });
 }
 
 }  // namespace cuda
