@@ -33,7 +33,9 @@ GEMM: 10 per rebuild batch, 5 per training batch: forward 2, backward 3), so
 sampler executes fewer: ``executed_flop``); GPU: ``peak_bytes`` as in bench_attention.py.
 The ``gemm_topk`` group times the sampler's last ``1024 × 1000 × E`` GEMM with its top-k:
 ``torch.addmm`` + ``torch.topk`` (``reference``) against the fused Triton kernel; its ``flop``
-is the GEMM's own.
+is the GEMM's own. The ``sampler_steps`` group (CUDA) times the sampler's reverse loop alone,
+each step's element-wise work as torch ops (``torch_steps``) or as one Triton kernel
+(``triton``, the default on CUDA), to show whether the kernel pays.
 """
 
 from __future__ import annotations
@@ -146,6 +148,63 @@ def public_train(den, opt, dense_host: np.ndarray, rows, r_t_u, ent, n_items) ->
     return total
 
 
+# The two cheap GPU groups first: gpu_suite.sh gives this file a time limit, and the Alibaba
+# passes of test_diffusion below take most of it.
+@pytest.mark.skipif(not CUDA, reason="the fused GEMM + top-k kernel is the CUDA path")
+@pytest.mark.parametrize("provider", ["reference", "triton", "triton_tf32", "triton_bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gemm_topk(benchmark, shape: str, provider: str) -> None:
+    from diffkg_fast.kernels.diffusion import linear_topk
+
+    n_ent = SHAPES[shape][0]
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    a = torch.tanh(torch.randn(BATCH, HIDDEN, device=DEVICE, generator=gen))
+    w = torch.randn(n_ent, HIDDEN, device=DEVICE, generator=gen) / HIDDEN**0.5
+    b = torch.randn(n_ent, device=DEVICE, generator=gen) * 1e-3
+    if provider == "reference":
+        def run():
+            torch.topk(torch.addmm(b, a, w.T), 1, dim=-1)
+            _sync()
+    else:
+        low = provider == "triton_bf16"
+        a_, w_ = (a.bfloat16(), w.bfloat16()) if low else (a, w)
+
+        def run():
+            linear_topk(a_, w_, b, 1.0, 1, tf32=provider == "triton_tf32")
+            _sync()
+    benchmark.group = f"gemm_topk-{shape}"
+    benchmark.extra_info.update(flop=2 * BATCH * HIDDEN * n_ent, device=DEVICE,
+                                bytes=4 * (BATCH * HIDDEN + n_ent * HIDDEN + n_ent))
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused step kernel is the CUDA path")
+@pytest.mark.parametrize("provider", ["torch_steps", "triton"])
+def test_sampler_steps(benchmark, provider: str) -> None:
+    """The hidden-space reverse loop of one rebuild batch (B = 1024, H = 1000, 5 steps) from its
+    start summaries to the last activation: per step one ``B × H × 2H`` GEMM and either ~33
+    small torch launches (``torch_steps``) or one Triton row kernel (``triton``). E does not
+    enter the loop; the medication denoiser keeps the factors cheap to build."""
+    from diffkg_fast.ops.diffusion_sample_fused import SamplerFactors, _last_hidden
+
+    n_ent = SHAPES["medication"][0]
+    den = Denoiser(n_ent, HIDDEN, 10, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    fac = SamplerFactors.build(den, DiffusionSchedule(steps=STEPS))
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    start = [torch.randn(BATCH, HIDDEN, device=DEVICE, generator=gen) for _ in range(2)]
+    start += [torch.rand(BATCH, device=DEVICE, generator=gen) * 50,
+              torch.randn(BATCH, device=DEVICE, generator=gen)]
+    fused = provider == "triton"
+
+    def run():
+        _last_hidden(fac, *(t.clone() for t in start), fused_steps=fused)  # it works in place
+        _sync()
+    benchmark.group = "sampler_steps-b1024-h1000"
+    benchmark.extra_info.update(flop=(STEPS - 1) * 2 * BATCH * HIDDEN * 2 * HIDDEN,
+                                device=DEVICE)
+    benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=3)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("pass_", ["rebuild", "train"])
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -214,31 +273,3 @@ def test_diffusion(benchmark, shape: str, pass_: str, provider: str) -> None:
     # estimated): 2 rounds keep this file inside its share of gpu_suite.sh's 9 minutes.
     rounds = 1 if slow else (2 if CUDA and shape == "alibaba" else 3)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0 if slow else 1)
-
-
-@pytest.mark.skipif(not CUDA, reason="the fused GEMM + top-k kernel is the CUDA path")
-@pytest.mark.parametrize("provider", ["reference", "triton", "triton_tf32", "triton_bf16"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_gemm_topk(benchmark, shape: str, provider: str) -> None:
-    from diffkg_fast.kernels.diffusion import linear_topk
-
-    n_ent = SHAPES[shape][0]
-    gen = torch.Generator(DEVICE).manual_seed(0)
-    a = torch.tanh(torch.randn(BATCH, HIDDEN, device=DEVICE, generator=gen))
-    w = torch.randn(n_ent, HIDDEN, device=DEVICE, generator=gen) / HIDDEN**0.5
-    b = torch.randn(n_ent, device=DEVICE, generator=gen) * 1e-3
-    if provider == "reference":
-        def run():
-            torch.topk(torch.addmm(b, a, w.T), 1, dim=-1)
-            _sync()
-    else:
-        low = provider == "triton_bf16"
-        a_, w_ = (a.bfloat16(), w.bfloat16()) if low else (a, w)
-
-        def run():
-            linear_topk(a_, w_, b, 1.0, 1, tf32=provider == "triton_tf32")
-            _sync()
-    benchmark.group = f"gemm_topk-{shape}"
-    benchmark.extra_info.update(flop=2 * BATCH * HIDDEN * n_ent, device=DEVICE,
-                                bytes=4 * (BATCH * HIDDEN + n_ent * HIDDEN + n_ent))
-    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)

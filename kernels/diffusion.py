@@ -21,6 +21,18 @@ programs that share a ``W`` tile run together and ``W`` is read from DRAM about 
     x_t  = sa[t_b] x0 + sb[t_b] noise                     (q_sample)
     x_in = x_t / max(‖x_t‖, 1e-12) · mask        (F.normalize; dropout: mask ∈ {0, 1/(1-p)})
 
+``sampler_step`` (rebuild: one reverse step of the hidden-space sampler of
+``diffkg_fast.ops.diffusion_sample_fused``, one program per row, in place; ``q = a [M | G]`` is
+the step's cuBLAS GEMM, ``q_m``, ``q_g`` its two halves)::
+
+    f_sq = <q_g, a> + 2 <a, W2ᵀb2> + ‖b2‖²      f_x = <a, y> + p                (pass 1)
+    n ← c1² f_sq + 2 c1 c2 f_x + c2² n         p ← c1 (<a, W2ᵀb2> + ‖b2‖²) + c2 p
+    z ← c1 (q_m + W1 b2) + c2 z                y ← c1 (q_g + W2ᵀb2) + c2 y     (pass 2)
+    a ← tanh(z / max(√n, 1e-12) + c)                                         (the next step's)
+
+With ``update=False`` only the last line (the first step's activation). It replaces ~33 small
+torch launches per step (the row sums, the updates, normalise, bias, tanh).
+
 ``weighted_sq_err`` (training loss, one program per row): ``sum_e (out - x0)²``, and with
 ``GRAD`` the gradient ``coef_b (out - x0)`` written over ``out`` in place (the reconstruction is
 written once by the GEMM, read once here, then read by the two backward GEMMs).
@@ -33,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "weighted_sq_err"]
+__all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "sampler_step",
+           "weighted_sq_err"]
 
 MAX_TOPK = 32  # K selection passes over the tile in the epilogue; rebuild_k is 1 by default
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (a constexpr global: see attention.py)
@@ -41,6 +54,9 @@ NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (a constexpr global: see
 # one 16-byte LDG.E.128 (checked by tests/test_kernels_compile.py). One width for every E: a
 # short row only masks lanes, and one configuration is one compile to check.
 ROW_BLOCK = 1024
+# Hidden units per step of sampler_step: 1024 covers DiffKG's H = 1000 in one iteration of each
+# pass; 4 warps keep it at 8 fp32 per thread.
+STEP_BLOCK = 1024
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of linear_topk per operand precision:
 # tensor-core tiles of Triton's matmul tutorial for tf32 / bf16 (sm_90: 117-139 registers, no
@@ -190,3 +206,82 @@ def weighted_sq_err(out: Tensor, x0: Tensor, coef: Tensor | None = None) -> Tens
             out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq, n_ent,
             GRAD=coef is not None, BLOCK=ROW_BLOCK, num_warps=8)
     return sq
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow for any x; the
+    # absolute error stays ~1e-7 (the activations are O(1) inputs of a GEMM).
+    e = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _sampler_step_kernel(a, q, z, y, n, p, w1b2, w2b2, bias, H, c1, c2, bb,
+                         UPDATE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * H
+    qbase = base * 2
+    n_row = tl.load(n + row)
+    if UPDATE:
+        s_ga = tl.zeros((BLOCK,), dtype=tl.float32)
+        s_ab = tl.zeros((BLOCK,), dtype=tl.float32)
+        s_ay = tl.zeros((BLOCK,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK):  # pass 1: the row sums of the old a
+            offs = h0 + tl.arange(0, BLOCK)
+            m = offs < H
+            av = tl.load(a + base + offs, mask=m, other=0.0)
+            s_ga += av * tl.load(q + qbase + H + offs, mask=m, other=0.0)
+            s_ab += av * tl.load(w2b2 + offs, mask=m, other=0.0)
+            s_ay += av * tl.load(y + base + offs, mask=m, other=0.0)
+        a_b = tl.sum(s_ab, axis=0)
+        f_sq = tl.sum(s_ga, axis=0) + 2.0 * a_b + bb
+        p_row = tl.load(p + row)
+        f_x = tl.sum(s_ay, axis=0) + p_row
+        n_row = c1 * c1 * f_sq + 2.0 * c1 * c2 * f_x + c2 * c2 * n_row
+        tl.store(n + row, n_row)
+        tl.store(p + row, c1 * (a_b + bb) + c2 * p_row)
+    denom = tl.maximum(tl.sqrt(tl.maximum(n_row, 0.0)), NORM_EPS)
+    for h0 in range(0, H, BLOCK):  # pass 2: the new z, y and the next step's a, in place
+        offs = h0 + tl.arange(0, BLOCK)
+        m = offs < H
+        zv = tl.load(z + base + offs, mask=m, other=0.0)
+        if UPDATE:
+            zv = c1 * (tl.load(q + qbase + offs, mask=m, other=0.0)
+                       + tl.load(w1b2 + offs, mask=m, other=0.0)) + c2 * zv
+            yv = c1 * (tl.load(q + qbase + H + offs, mask=m, other=0.0)
+                       + tl.load(w2b2 + offs, mask=m, other=0.0)) \
+                + c2 * tl.load(y + base + offs, mask=m, other=0.0)
+            tl.store(z + base + offs, zv, mask=m)
+            tl.store(y + base + offs, yv, mask=m)
+        h = zv / denom if NORM else zv
+        tl.store(a + base + offs, _tanh(h + tl.load(bias + offs, mask=m, other=0.0)), mask=m)
+
+
+def sampler_step(a: Tensor, z: Tensor, y: Tensor, n: Tensor, p: Tensor, bias: Tensor, *,
+                 norm: bool, q: Tensor | None = None, w1b2: Tensor | None = None,
+                 w2b2: Tensor | None = None, c1: float = 0.0, c2: float = 0.0,
+                 bb: float = 0.0) -> None:
+    """One reverse step of the hidden-space sampler, in place on float32 ``a``, ``z``, ``y``
+    (B × H), ``n``, ``p`` (B): with ``q`` (B × 2H, ``a [M | G]``) the update of the summaries
+    and then the next activation ``a = tanh(z / max(√n, 1e-12) + bias)``; without ``q`` only
+    that activation (``a`` is then output only). ``bias`` (H,) is the next step's time bias."""
+    update = q is not None
+    tensors = {"a": a, "z": z, "y": y, "n": n, "p": p, "bias": bias}
+    if update:
+        tensors.update(q=q, w1b2=w1b2, w2b2=w2b2)
+    for name, t in tensors.items():
+        if t is None or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"sampler_step: {name} must be a contiguous float32 tensor")
+    n_rows, hid = z.shape
+    if a.shape != z.shape or y.shape != z.shape or n.shape != (n_rows,) or \
+            p.shape != (n_rows,) or bias.shape != (hid,) or \
+            (update and (q.shape != (n_rows, 2 * hid) or w1b2.shape != (hid,)
+                         or w2b2.shape != (hid,))):
+        raise ValueError(f"sampler_step: shapes do not match z {tuple(z.shape)}")
+    if n_rows and hid:
+        _sampler_step_kernel[(n_rows,)](
+            a, q if update else a, z, y, n, p, w1b2 if update else bias,
+            w2b2 if update else bias, bias, hid, float(c1), float(c2), float(bb),
+            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, num_warps=4)

@@ -13,7 +13,8 @@ pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 in
 and normalisation on (the flags only add code to the same kernels); the backward row kernel in
 both tail modes. Diffusion (:mod:`diffkg_fast.kernels.diffusion`): the GEMM + top-k kernel with
 its ``TOPK_CONFIG`` tiles, float32 (IEEE and TF32) and bfloat16 (``k`` is a runtime argument);
-the two row kernels with and without their optional input / output.
+the training step's two row kernels with and without their optional input / output; the
+sampler's step kernel with and without the update and the normalisation.
 
 The compiles run in a child process without ``TRITON_INTERPRET`` (conftest.py sets it for the
 interpreter tests, and it changes what ``@triton.jit`` builds at import).
@@ -67,6 +68,13 @@ def _diffusion_configs():
         yield (f"rows denoise_input fp32 mask={has_mask}", K._denoise_input_kernel,
                _sig("x0:e noise:e t:i sa:e sb:e mask:e x_in:e E:n", "fp32", "fp32"),
                {"HAS_MASK": has_mask, "BLOCK": K.ROW_BLOCK}, {"num_warps": 8})
+    for update in (False, True):
+        for norm in (False, True):
+            yield (f"rows sampler_step fp32 update={update} norm={norm}",
+                   K._sampler_step_kernel,
+                   {**_sig("a:e q:e z:e y:e n:e p:e w1b2:e w2b2:e bias:e H:n", "fp32", "fp32"),
+                    "c1": "fp32", "c2": "fp32", "bb": "fp32"},
+                   {"UPDATE": update, "NORM": norm, "BLOCK": K.STEP_BLOCK}, {"num_warps": 4})
     for grad in (False, True):
         yield (f"rows weighted_sq_err fp32 grad={grad}", K._weighted_sq_err_kernel,
                _sig("out:e x0:e coef:e sq:e E:n", "fp32", "fp32"),

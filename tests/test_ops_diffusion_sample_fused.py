@@ -224,6 +224,84 @@ def test_sample_topk_fused_kernel_interpreter_matches_reference():
     _topk_rule(v, i, ref_v, full64, 2)
 
 
+def _step_torch(a, q, z, y, n, p, w1b2, w2b2, bias, c1, c2, bb, norm):
+    """The torch ops of one step of _last_hidden (the spec of kernels.sampler_step)."""
+    z, y, n, p = z.clone(), y.clone(), n.clone(), p.clone()
+    if q is not None:
+        hid = z.shape[1]
+        a_m, a_g = q[:, :hid], q[:, hid:]
+        a_b = a @ w2b2
+        f_sq = (a_g * a).sum(-1) + 2 * a_b + bb
+        f_x = (a * y).sum(-1) + p
+        n = c1 * c1 * f_sq + 2 * c1 * c2 * f_x + c2 * c2 * n
+        p = c1 * (a_b + bb) + c2 * p
+        z = c1 * (a_m + w1b2) + c2 * z
+        y = c1 * (a_g + w2b2) + c2 * y
+    h = z / n.clamp_min(0).sqrt().clamp_min(1e-12)[:, None] if norm else z
+    return torch.tanh(h + bias), z, y, n, p
+
+
+@needs_interpreter
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("n_rows,hid", [(7, 37), (3, 1030), (1, 1)])
+def test_sampler_step_interpreter_matches_torch(update, norm, n_rows, hid):
+    g = torch.Generator().manual_seed(hid)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    a, z, y, bias, w1b2, w2b2 = (torch.tanh(r(n_rows, hid)), r(n_rows, hid), r(n_rows, hid),
+                                 r(hid), r(hid), r(hid))
+    q = r(n_rows, 2 * hid) if update else None
+    # Row 0's squared norm ends negative (rounding in the reference's recursion can do that):
+    # the clamp then makes the denominator 1e-12, tanh saturates. Large |h| must not overflow.
+    n, p = r(n_rows).abs() * 5, r(n_rows)
+    if not update:
+        n[0] = -1.0
+    c1, c2, bb = 0.8, 0.3, 1.7
+    want = _step_torch(a, q, z, y, n, p, w1b2, w2b2, bias, c1, c2, bb, norm)
+    got = [t.clone() for t in (a, z, y, n, p)]
+    kernels.sampler_step(*got, bias, norm=norm, q=q, w1b2=w1b2, w2b2=w2b2, c1=c1, c2=c2, bb=bb)
+    for name, g_, w in zip("azynp", got, want, strict=True):
+        torch.testing.assert_close(g_, w, rtol=2e-5, atol=2e-5, msg=name)
+
+
+@needs_interpreter
+def test_sampler_step_argument_errors():
+    a, z = torch.zeros(2, 4), torch.zeros(2, 4)
+    n, p, bias = torch.ones(2), torch.zeros(2), torch.zeros(4)
+    with pytest.raises(ValueError, match="z must be a contiguous float32"):
+        kernels.sampler_step(a, z.double(), z, n, p, bias, norm=True)
+    with pytest.raises(ValueError, match="y must be a contiguous float32"):
+        kernels.sampler_step(a, z, torch.zeros(4, 2).T, n, p, bias, norm=True)
+    with pytest.raises(ValueError, match="q must be"):
+        kernels.sampler_step(a, z, z, n, p, bias, norm=True, q=torch.zeros(2, 8).double(),
+                             w1b2=bias, w2b2=bias)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        kernels.sampler_step(a, z, z, n, p, torch.zeros(3), norm=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_steps_interpreter_match_torch_steps(norm):
+    """The whole recursion with the step kernel against the torch steps (float32, sparse and
+    noisy starts), and the fused top-k + fused steps path against the reference."""
+    s = DiffusionSchedule(steps=4)
+    rowptr, col = graph(83, 0.06, seed=8)
+    rows = torch.arange(83)
+    m32 = denoiser(83, 24, seed=8, dtype=torch.float32, norm=norm)
+    x0 = kg_rows(rowptr, col, rows, 83, dtype=torch.float32)
+    for steps in (0, 2):
+        gen = [torch.Generator().manual_seed(5) for _ in range(2)]
+        want = sample_hidden(m32, x0, s, steps, gen[0], fused_steps=False)
+        got = sample_hidden(m32, x0, s, steps, gen[1], fused_steps=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    full64 = _sample_reference(denoiser(83, 24, seed=8, norm=norm),
+                               kg_rows(rowptr, col, rows, 83, dtype=torch.float64), s)
+    ref_v, _ = _sample_topk_reference(m32, rowptr, col, rows, s, 3)
+    v, i = sample_topk_hidden(m32, rowptr, col, rows, s, 3, batch_size=30, fused_topk=True,
+                              fused_steps=True)
+    _topk_rule(v, i, ref_v, full64, 3)
+
+
 # ------------------------------------------------------------- Triton kernels, compiled (GPU)
 
 class _tf32:

@@ -74,6 +74,7 @@ class SamplerFactors:
     w1b2: Tensor  # H: W1 b2
     w2b2: Tensor  # H: W2ᵀ b2
     bb: Tensor  # (): ‖b2‖²
+    bb_value: float  # the same on the host (read once per call: no sync per step)
     bias: Tensor  # steps × H: the time bias of every step
     c1: tuple[float, ...]
     c2: tuple[float, ...]
@@ -100,7 +101,8 @@ class SamplerFactors:
         steps = torch.arange(schedule.steps, device=w2.device)
         return SamplerFactors(
             w1t=w1.T.contiguous(), w2=w2.contiguous(), b2=b2.contiguous(), mg=mg.to(mm),
-            w1b2=w1 @ b2, w2b2=w2.T @ b2, bb=b2 @ b2, bias=denoiser.time_bias(steps),
+            w1b2=w1 @ b2, w2b2=w2.T @ b2, bb=b2 @ b2, bb_value=float(b2 @ b2),
+            bias=denoiser.time_bias(steps),
             c1=tuple(float(v) for v in c1), c2=tuple(float(v) for v in c2),
             norm=denoiser.norm, precision=precision, mm_dtype=mm, w2_mm=w2.contiguous().to(mm))
 
@@ -148,8 +150,13 @@ def _dense_start(fac: SamplerFactors, x: Tensor) -> tuple[Tensor, Tensor, Tensor
             (x * x).sum(-1), x @ fac.b2)
 
 
-def _last_hidden(fac: SamplerFactors, z: Tensor, y: Tensor, n: Tensor, p: Tensor) -> Tensor:
-    """Run the recursion from the start summaries down to ``a_0`` (B × H)."""
+def _last_hidden(fac: SamplerFactors, z: Tensor, y: Tensor, n: Tensor, p: Tensor,
+                 fused_steps: bool = False) -> Tensor:
+    """Run the recursion from the start summaries down to ``a_0`` (B × H). ``fused_steps``:
+    each step's element-wise work in one Triton kernel (float32 only; it updates z, y, n, p in
+    place)."""
+    if fused_steps and z.dtype == torch.float32:
+        return _last_hidden_fused(fac, z, y, n, p)
     for t in range(len(fac.c1) - 1, -1, -1):
         h = z / n.clamp_min(0).sqrt().clamp_min(_NORM_EPS)[:, None] if fac.norm else z
         a = torch.tanh(h + fac.bias[t])
@@ -167,6 +174,27 @@ def _last_hidden(fac: SamplerFactors, z: Tensor, y: Tensor, n: Tensor, p: Tensor
         z = c1 * (a_m + fac.w1b2) + c2 * z
         y = c1 * (a_g + fac.w2b2) + c2 * y
     raise AssertionError("unreachable: schedules have at least one step")
+
+
+def _last_hidden_fused(fac: SamplerFactors, z: Tensor, y: Tensor, n: Tensor,
+                       p: Tensor) -> Tensor:
+    """:func:`_last_hidden` with one GEMM and one Triton row kernel per step (instead of the
+    GEMM and ~33 small torch launches)."""
+    from diffkg_fast.kernels.diffusion import sampler_step
+
+    z, y, n, p = (t.contiguous() for t in (z, y, n, p))
+    a = torch.empty_like(z)
+    last = len(fac.c1) - 1
+    bias = fac.bias.to(torch.float32).contiguous()
+    w1b2, w2b2 = fac.w1b2.contiguous(), fac.w2b2.contiguous()
+    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
+    with torch.cuda.device(z.device) if z.is_cuda else nullcontext():
+        sampler_step(a, z, y, n, p, bias[last], norm=fac.norm)
+        for t in range(last, 0, -1):
+            q = _mm(a, fac.mg, fac.mm_dtype).contiguous()
+            sampler_step(a, z, y, n, p, bias[t - 1], norm=fac.norm, q=q, w1b2=w1b2,
+                         w2b2=w2b2, c1=fac.c1[t], c2=fac.c2[t], bb=fac.bb_value)
+    return a
 
 
 def _noisy_start(fac: SamplerFactors, x0: Tensor, schedule: DiffusionSchedule,
@@ -189,16 +217,24 @@ def _output(fac: SamplerFactors, a: Tensor) -> Tensor:
 def sample_hidden(
     denoiser: Denoiser, x_start: Tensor, schedule: DiffusionSchedule, sampling_steps: int = 0,
     generator: torch.Generator | None = None, *, precision: str = "fp32",
+    fused_steps: bool | None = None,
 ) -> Tensor:
-    """:func:`~diffkg_fast.ops.diffusion.sample` through the hidden-space recursion (B × E)."""
+    """:func:`~diffkg_fast.ops.diffusion.sample` through the hidden-space recursion (B × E).
+
+    ``fused_steps``: each reverse step's element-wise work in one Triton kernel (default: on
+    CUDA tensors when Triton is installed; ``True`` also runs it on CPU tensors under
+    ``TRITON_INTERPRET=1``; float32 only, other dtypes take the torch ops).
+    """
     check_sampling_steps(schedule, sampling_steps)
     fac = SamplerFactors.build(denoiser, schedule, precision)
+    if fused_steps is None:
+        fused_steps = HAS_TRITON and x_start.device.type == "cuda"
     with _precision(precision, x_start.device):
         if sampling_steps > 0:
             start = _noisy_start(fac, x_start, schedule, sampling_steps, generator)
         else:
             start = _dense_start(fac, x_start)
-        return _output(fac, _last_hidden(fac, *start))
+        return _output(fac, _last_hidden(fac, *start, fused_steps=fused_steps))
 
 
 def _topk_torch(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -223,12 +259,14 @@ def sample_topk_hidden(
     denoiser: Denoiser, rowptr: Tensor, col: Tensor, rows: Tensor, schedule: DiffusionSchedule,
     k: int, batch_size: int = 1024, sampling_steps: int = 0,
     generator: torch.Generator | None = None, *, precision: str = "fp32",
-    fused_topk: bool | None = None,
+    fused_topk: bool | None = None, fused_steps: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`~diffkg_fast.ops.diffusion.sample_topk` through the hidden-space recursion.
 
-    ``fused_topk``: the last GEMM and the top-k in one Triton kernel (default: on CUDA tensors
-    when Triton is installed; ``True`` also runs it on CPU tensors under ``TRITON_INTERPRET=1``).
+    ``fused_topk``: the last GEMM and the top-k in one Triton kernel; ``fused_steps``: each
+    reverse step's element-wise work in one Triton kernel (float32). Both default to on for CUDA
+    tensors when Triton is installed; ``True`` also runs them on CPU tensors under
+    ``TRITON_INTERPRET=1``.
     """
     check_sampling_steps(schedule, sampling_steps)
     if k < 1 or k > denoiser.n_entities:
@@ -237,6 +275,8 @@ def sample_topk_hidden(
     if fused_topk is None:
         fused_topk = HAS_TRITON and rowptr.device.type == "cuda"
     topk = _topk_triton if fused_topk else _topk_torch
+    if fused_steps is None:
+        fused_steps = HAS_TRITON and rowptr.device.type == "cuda"
     vals, idx = [], []
     with _precision(precision, rowptr.device):
         for start in range(0, rows.numel(), batch_size):
@@ -247,7 +287,7 @@ def sample_topk_hidden(
                 summ = _noisy_start(fac, x0, schedule, sampling_steps, generator)
             else:
                 summ = _sparse_start(fac, rowptr, col, batch)
-            v, i = topk(fac, _last_hidden(fac, *summ), k)
+            v, i = topk(fac, _last_hidden(fac, *summ, fused_steps=fused_steps), k)
             vals.append(v)
             idx.append(i)
     if not vals:
