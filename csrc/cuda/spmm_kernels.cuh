@@ -136,6 +136,30 @@ __device__ __forceinline__ void load_vec_plain(const T* p, T (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = s[i];
 }
 
+template <typename T, int VEC, int COLS>
+__device__ __forceinline__ void zero_tile(T (&acc)[COLS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < COLS; ++c)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[c][i] = T(0);
+}
+
+// acc += v * row[the tile's vectors of this lane], one fma (one rounding) per scalar.
+template <typename T, int VEC, int COLS>
+__device__ __forceinline__ void fma_tile(const T* __restrict__ row, T v, int64_t nvec,
+                                         int64_t tile, int lane, T (&acc)[COLS][VEC]) {
+#pragma unroll
+  for (int cc = 0; cc < COLS; ++cc) {
+    const int64_t vi = tile + cc * kWarp + lane;
+    if (vi < nvec) {
+      T xv[VEC];
+      load_vec<T, VEC>(row + vi * VEC, xv);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[cc][i] = fma(v, xv[i], acc[cc][i]);
+    }
+  }
+}
+
 // acc = sum_{k in [k0, k1)} val[k] * x[col[k], the tile's vectors of this lane]. The warp
 // walks the nonzeros 32 at a time; every lane of the warp must call it with the same k0, k1.
 template <typename T, int VEC, int COLS>
@@ -143,10 +167,7 @@ __device__ __forceinline__ void sum_range(const int64_t* __restrict__ col,
                                           const T* __restrict__ val, const T* __restrict__ x,
                                           int64_t d, int64_t nvec, int64_t tile, int lane,
                                           int64_t k0, int64_t k1, T (&acc)[COLS][VEC]) {
-#pragma unroll
-  for (int c = 0; c < COLS; ++c)
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[c][i] = T(0);
+  zero_tile<T, VEC, COLS>(acc);
   for (int64_t base = k0; base < k1; base += kWarp) {
     // Cooperative, coalesced load of up to 32 (col, val) pairs of this row.
     const int64_t k = base + lane;
@@ -164,17 +185,7 @@ __device__ __forceinline__ void sum_range(const int64_t* __restrict__ col,
     for (int j = 0; j < n; ++j) {
       const int64_t c = __shfl_sync(kFullMask, my_col, j);
       const T v = __shfl_sync(kFullMask, my_val, j);
-      const T* xrow = x + c * d;
-#pragma unroll
-      for (int cc = 0; cc < COLS; ++cc) {
-        const int64_t vi = tile + cc * kWarp + lane;
-        if (vi < nvec) {
-          T xv[VEC];
-          load_vec<T, VEC>(xrow + vi * VEC, xv);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[cc][i] = fma(v, xv[i], acc[cc][i]);
-        }
-      }
+      fma_tile<T, VEC, COLS>(x + c * d, v, nvec, tile, lane, acc);
     }
   }
 }
@@ -301,23 +312,10 @@ csr_spmm_chunk_sum_kernel(const int64_t* __restrict__ rowptr, int64_t d,
     const int64_t n = (rowptr[row + 1] - s + kChunk - 1) / kChunk;
     for (int64_t tile = 0; tile < nvec; tile += static_cast<int64_t>(kWarp) * COLS) {
       T acc[COLS][VEC];
-#pragma unroll
-      for (int cc = 0; cc < COLS; ++cc)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[cc][i] = T(0);
-      for (int64_t c = 0; c < n; ++c) {
-        const T* prow = partial + (j + c) * d;
-#pragma unroll
-        for (int cc = 0; cc < COLS; ++cc) {
-          const int64_t vi = tile + cc * kWarp + lane;
-          if (vi < nvec) {
-            T pv[VEC];
-            load_vec<T, VEC>(prow + vi * VEC, pv);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[cc][i] += pv[i];
-          }
-        }
-      }
+      zero_tile<T, VEC, COLS>(acc);
+      // fma(1, p, acc) rounds once, as acc + p does.
+      for (int64_t c = 0; c < n; ++c)
+        fma_tile<T, VEC, COLS>(partial + (j + c) * d, T(1), nvec, tile, lane, acc);
       store_tile<T, VEC, COLS>(y, acc_in, acc_out, row * d, nvec, tile, lane, acc);
     }
   }

@@ -140,35 +140,50 @@ inline void fail(const std::string& what) {
   if (state().errors++ < 20) std::fprintf(stderr, "cuda_emu: %s\n", what.c_str());
 }
 
-struct Lane {
+// A suspended fiber: its stack pointer (fast switch) or its ucontext.
+struct Ctx {
 #ifdef DIFFKG_EMU_FAST_SWITCH
   void* sp = nullptr;
 #else
-  ucontext_t ctx;
-#endif
-  bool done = false;
-  long step = 0;  // 2 per __shfl_sync: the lockstep position of the lane
-#ifdef DIFFKG_EMU_ASAN
-  void* fake_stack = nullptr;
+  ucontext_t uc;
 #endif
 };
 
-struct Warp {
-#ifdef DIFFKG_EMU_FAST_SWITCH
-  void* sched_sp = nullptr;
+// Suspends the running fiber into `from` and resumes `to`, whose stack is [bottom, +size)
+// (AddressSanitizer is told; *fake keeps the leaving fiber's fake frames, nullptr: it ends).
+inline void switch_fiber(Ctx& from, Ctx& to, void** fake, const void* bottom, size_t size) {
+#ifdef DIFFKG_EMU_ASAN
+  __sanitizer_start_switch_fiber(fake, bottom, size);
 #else
-  ucontext_t sched;
+  (void)fake, (void)bottom, (void)size;
 #endif
+#ifdef DIFFKG_EMU_FAST_SWITCH
+  emu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+#ifdef DIFFKG_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake ? *fake : nullptr, nullptr, nullptr);
+#endif
+}
+
+struct Lane {
+  Ctx ctx;
+  bool done = false;
+  long step = 0;  // 2 per __shfl_sync: the lockstep position of the lane
+  void* fake_stack = nullptr;  // AddressSanitizer's fake frames of the suspended lane
+};
+
+struct Warp {
+  Ctx sched;
   Lane lanes[kLanes];
   // Allocated once (a launch that built its own 8 MB spent most of its time in mmap / munmap).
   std::unique_ptr<char[]> stacks{new char[kLanes * kStack]};
   alignas(16) unsigned char slot[kLanes][16];
   int cur = 0;
   const std::function<void()>* body = nullptr;
-#ifdef DIFFKG_EMU_ASAN
-  const void* sched_bottom = nullptr;  // the scheduler's stack, learnt on a lane's first entry
-  size_t sched_size = 0;
-#endif
+  const void* sched_bottom = nullptr;  // the scheduler's stack (ASan: learnt on a lane's
+  size_t sched_size = 0;               // first entry)
 };
 
 inline Warp*& current() {
@@ -180,17 +195,7 @@ inline Warp*& current() {
 inline void yield() {
   Warp& w = *current();
   Lane& lane = w.lanes[w.cur];
-#ifdef DIFFKG_EMU_ASAN
-  __sanitizer_start_switch_fiber(&lane.fake_stack, w.sched_bottom, w.sched_size);
-#endif
-#ifdef DIFFKG_EMU_FAST_SWITCH
-  emu_switch(&lane.sp, w.sched_sp);
-#else
-  swapcontext(&lane.ctx, &w.sched);
-#endif
-#ifdef DIFFKG_EMU_ASAN
-  __sanitizer_finish_switch_fiber(lane.fake_stack, nullptr, nullptr);
-#endif
+  switch_fiber(lane.ctx, w.sched, &lane.fake_stack, w.sched_bottom, w.sched_size);
 }
 
 inline void trampoline() {
@@ -200,12 +205,12 @@ inline void trampoline() {
 #endif
   (*w.body)();
   w.lanes[w.cur].done = true;
-#ifdef DIFFKG_EMU_ASAN
-  __sanitizer_start_switch_fiber(nullptr, w.sched_bottom, w.sched_size);  // this fiber ends
-#endif
 #ifdef DIFFKG_EMU_FAST_SWITCH
-  emu_switch(&w.lanes[w.cur].sp, w.sched_sp);  // never resumed: the warp's fibers are rebuilt
+  // Never resumed: the warp's fibers are rebuilt for the next warp.
+  switch_fiber(w.lanes[w.cur].ctx, w.sched, nullptr, w.sched_bottom, w.sched_size);
   __builtin_trap();
+#elif defined(DIFFKG_EMU_ASAN)
+  __sanitizer_start_switch_fiber(nullptr, w.sched_bottom, w.sched_size);  // this fiber ends
 #endif
   // (ucontext) returning resumes uc_link: the scheduler
 }
@@ -229,13 +234,13 @@ inline void run_warp(Warp& w, unsigned first) {
     for (int i = 1; i <= 6; ++i) sp[i] = 0;
     sp[7] = reinterpret_cast<uint64_t>(&trampoline);
     sp[8] = 0;
-    lane.sp = sp;
+    lane.ctx.sp = sp;
 #else
-    getcontext(&lane.ctx);
-    lane.ctx.uc_stack.ss_sp = w.stacks.get() + l * kStack;
-    lane.ctx.uc_stack.ss_size = kStack;
-    lane.ctx.uc_link = &w.sched;
-    makecontext(&lane.ctx, trampoline, 0);
+    getcontext(&lane.ctx.uc);
+    lane.ctx.uc.uc_stack.ss_sp = w.stacks.get() + l * kStack;
+    lane.ctx.uc.uc_stack.ss_size = kStack;
+    lane.ctx.uc.uc_link = &w.sched.uc;
+    makecontext(&lane.ctx.uc, trampoline, 0);
 #endif
   }
   for (;;) {
@@ -246,18 +251,8 @@ inline void run_warp(Warp& w, unsigned first) {
       any = true;
       w.cur = l;
       threadIdx.x = first + l;
-#ifdef DIFFKG_EMU_ASAN
       void* fake = nullptr;
-      __sanitizer_start_switch_fiber(&fake, w.stacks.get() + l * kStack, kStack);
-#endif
-#ifdef DIFFKG_EMU_FAST_SWITCH
-      emu_switch(&w.sched_sp, lane.sp);
-#else
-      swapcontext(&w.sched, &lane.ctx);
-#endif
-#ifdef DIFFKG_EMU_ASAN
-      __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+      switch_fiber(w.sched, lane.ctx, &fake, w.stacks.get() + l * kStack, kStack);
     }
     if (!any) return;
     // After a round every live lane waits in the same __shfl_sync, at the same step.
