@@ -201,7 +201,7 @@ def test_sampler_steps(benchmark, provider: str) -> None:
         _sync()
     benchmark.group = "sampler_steps-b1024-h1000"
     benchmark.extra_info.update(flop=(STEPS - 1) * 2 * BATCH * HIDDEN * 2 * HIDDEN,
-                                device=DEVICE)
+                                device=DEVICE, baseline=not fused)
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=3)
 
 

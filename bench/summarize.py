@@ -1,7 +1,8 @@
 """Summary table of pytest-benchmark JSON files: ``python bench/summarize.py BENCH.json [...]``.
 
 One row per benchmark: op group, provider, median time, speed-up over the group's
-``reference`` provider (the baseline of every group), GB/s on the compulsory bytes (when the
+``reference`` provider (the baseline of every group; a group without one may mark its baseline
+with ``extra_info["baseline"]``), GB/s on the compulsory bytes (when the
 benchmark records ``extra_info["bytes"]``), TFLOP/s (``extra_info["flop"]``: the GEMM FLOPs of
 the reference's pass, so an effective rate) and peak memory above the inputs (``peak_bytes``,
 GPU runs). Groups are printed in file order, providers in the order they ran.
@@ -33,7 +34,10 @@ def table(data: dict) -> str:
              "| group | provider | median ms | vs reference | GB/s | TFLOP/s | peak MB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for group, benches in groups.items():
-        ref = next((b["stats"]["median"] for b in benches if provider_of(b) == "reference"), None)
+        # The baseline: the "reference" provider, or the one a benchmark marks as its group's
+        # baseline (extra_info["baseline"], e.g. sampler_steps' torch_steps).
+        ref = next((b["stats"]["median"] for b in benches if provider_of(b) == "reference"
+                    or b.get("extra_info", {}).get("baseline")), None)
         for b in benches:
             med = b["stats"]["median"]
             extra = b.get("extra_info", {})
