@@ -252,9 +252,9 @@ def test_cuda_kernels_match_dense(dtype: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cuda_long_rows_match_dense(dtype: str) -> None:
-    """On a GPU: rows past kLongRow = 512 nonzeros are cut into chunks of kChunk = 256 (the
-    chunk list, the chunk kernel, the chunk sum). Rows of 512 (the warp kernel's last length),
-    513 (the first long one), 768 (three whole chunks) and 769, long rows side by side (their
+    """On a GPU: rows past kLongRow = 256 nonzeros are cut into chunks of kChunk = 128 (the
+    chunk list, the chunk kernel, the chunk sum). Rows of 256 (the warp kernel's last length),
+    257 (the first long one), 384 (three whole chunks) and 385, long rows side by side (their
     slots in the list then depend on the schedule), the 2600-long full row 0, every VEC / COLS
     variant, spmm and propagate (the fused sum, in place; the list is made once per call),
     against a dense float64 product; and the result is the same bitwise on a second call (no
@@ -270,10 +270,10 @@ def test_cuda_long_rows_match_dense(dtype: str) -> None:
     tol = {"rtol": 1e-5, "atol": 1e-5} if dt == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     n = 2600
     rowptr, col, val, dense = _csr(n, seed=5, dtype=dt, density=0.004,
-                                   long_rows={3: 513, 4: 512, 5: 768, 6: 769, 7: 1800, 300: 2000,
+                                   long_rows={3: 257, 4: 256, 5: 384, 6: 385, 7: 1800, 300: 2000,
                                               1500: 1100})
     deg = (rowptr[1:] - rowptr[:-1]).tolist()
-    assert deg[0] == n and deg[3] == 513 and deg[4] == 512 and deg[5] == 768 and deg[1] == 0
+    assert deg[0] == n and deg[3] == 257 and deg[4] == 256 and deg[5] == 384 and deg[1] == 0
     parts = (rowptr.cuda(), col.cuda(), val.cuda())
     ops = torch.ops.diffkg_fast
     for d in (1, 7, 64, 128, 600):

@@ -7,7 +7,7 @@ driver tests/cuda_emu/spmm_emu_test.cpp runs the real launchers (``launch_csr_sp
 ``launch_csr_propagate``: every kernel, the long-row chunk list, the workspace bound) against a
 dense float64 product, with AddressSanitizer and UBSan (out-of-bounds workspace or gathers,
 misaligned vector loads), and checks bitwise repeatability under other warp orders. Two builds:
-the shipped constants (long rows past 512 nonzeros, chunks of 256) and small ones (40 / 16)
+the shipped constants (long rows past 256 nonzeros, chunks of 128) and small ones (40 / 16)
 that put many chunk boundaries in small graphs and run every VEC / COLS variant.
 
 What this cannot show: timing, memory ordering between warps, and anything of the torch binding

@@ -27,14 +27,16 @@
 // - Accumulation in T (fp32 for float, fp64 for double), in nonzero order.
 // - Offsets and indices are int64 throughout (nnz and n_rows * d may exceed 2^31).
 //
-// Long rows (nnz-balanced): a row of more than kLongRow = 512 nonzeros is cut into chunks of
-// kChunk = 256 nonzeros, and every chunk is one warp's work, like a short row. Why: on the
+// Long rows (nnz-balanced): a row of more than kLongRow = 256 nonzeros is cut into chunks of
+// kChunk = 128 nonzeros, and every chunk is one warp's work, like a short row. Why: on the
 // benchmark graphs the longest row holds 13.7k (Gowalla), 39.9k (iFashion) and 24.9k (Last-FM)
-// nonzeros, while an H200's 132 x 64 resident warps share ~190 / ~420 / ~720 nonzeros each; the
-// rows past 512 nonzeros number 229 / 532 / 1,339 and hold 20% / 25% / 32% of all nonzeros (1,391
-// / 3,729 / 8,344 chunks). One warp on the longest row alone would take ~95x the balanced time on
-// iFashion; with chunks no warp holds more than 512 nonzeros (estimates from the degree counts: no GPU has run this yet). Launches,
-// in stream order, with no host sync and no data-dependent allocation:
+// nonzeros, while an H200's 132 x 48 resident warps share ~260 / ~560 / ~960 nonzeros each; the
+// rows past 256 nonzeros number 573 / 1,286 / 3,301 and hold 27% / 32% / 43% of all nonzeros
+// (3,792 / 9,646 / 22,381 chunks). The constants come from a load-balance model
+// (bench/spmm_balance_model.py: a model, not a measurement; no GPU has run this yet), in
+// multiples of the balanced time: one warp per row 26-72x, the earlier one 16-warp block per row
+// past 1,024 nonzeros 6.0-10.4x, chunks 512 / 256 3.2-6.1x, 256 / 128 2.7-4.5x. Launches, in
+// stream order, with no host sync and no data-dependent allocation:
 //   0. csr_list_long_rows_kernel (once per op call): each long row reserves ceil(len / kChunk)
 //      consecutive slots of the chunk list (one atomicAdd on a counter) and writes each chunk's
 //      (row, first nonzero) there. Slot order across rows depends on scheduling; the chunks of
@@ -67,15 +69,16 @@ constexpr int kWarpsPerBlock = 8;  // 256 threads: 8 rows per block, full occupa
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr unsigned kFullMask = 0xffffffffu;
 #ifndef DIFFKG_FAST_LONG_ROW  // overridable only so the CPU emulation test can use small graphs
-constexpr int64_t kLongRow = 512;  // nonzeros above which a row is cut into chunks
-constexpr int64_t kChunk = 256;    // nonzeros per chunk (the last chunk of a row: 1..kChunk)
+constexpr int64_t kLongRow = 256;  // nonzeros above which a row is cut into chunks
+constexpr int64_t kChunk = 128;    // nonzeros per chunk (the last chunk of a row: 1..kChunk)
 #else
 constexpr int64_t kLongRow = DIFFKG_FAST_LONG_ROW;
 constexpr int64_t kChunk = DIFFKG_FAST_CHUNK;
 #endif
 static_assert(kChunk > 0 && kLongRow >= kChunk, "a long row has at least one full chunk");
-// Grid cap of the chunk kernels (they grid-stride over the list): 1024 x 8 warps ~ the 8,448
-// resident warps of an H200, so every listed chunk starts in the first wave.
+// Grid cap of the chunk kernels (they grid-stride over the list): 1024 blocks of 8 warps, about
+// two waves at the chunk kernel's ~4 blocks per SM on an H200 (bench/spmm_balance_model.py
+// models a cap of 528, one wave, as no different).
 constexpr int64_t kMaxChunkBlocks = 1024;
 
 // Upper bound on the chunks of all long rows of a CSR with nnz nonzeros (0: no row can be long).

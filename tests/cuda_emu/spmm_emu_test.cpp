@@ -1,7 +1,7 @@
 // Runs the CUDA SpMM kernels of csrc/cuda/spmm_kernels.cuh on the CPU warp emulator
 // (cuda_emu.h) and checks them against a dense float64 product. Built and run by
 // tests/test_spmm_cuda_emu.py (g++ -std=c++20, AddressSanitizer + UBSan), twice: with the
-// shipped long-row constants (kLongRow 512, kChunk 256) and with small ones
+// shipped long-row constants (kLongRow 256, kChunk 128) and with small ones
 // (-DDIFFKG_FAST_LONG_ROW=40 -DDIFFKG_FAST_CHUNK=16) that put many chunk boundaries in small
 // graphs.
 //
