@@ -14,9 +14,10 @@ What this cannot show: timing, memory ordering between warps, and anything of th
 (spmm_cuda.cu); test_spmm_cuda_compile.py compiles those, the GPU tests there run them.
 Mutations of the kernels that this test caught when written (each made it fail): a row's last
 chunk left out of the sum; a chunk's end off by one; the long-row threshold off by one (a row
-done twice); a row listing one chunk too few; a lane leaving before a shuffle; vector loads on
-misaligned rows (UBSan); a workspace bound without each long row's partly filled chunk (ASan).
-"""
+done twice); a row listing one chunk too few; the warp kernel's grid one block short for an odd
+number of rows (after the driver gained such a graph); a lane leaving before a shuffle; vector
+loads on misaligned rows (UBSan); a workspace bound without each long row's partly filled chunk
+(ASan)."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor
   TORCH_CHECK(x.device() == rowptr.device(), op, ": x must be on ", rowptr.device(),
               " like rowptr, got ", x.device());
   check_spmm_args(op, rowptr, col, val, x);  // shared with the CPU kernel
-  // One block per 8 rows: the grid's x-dimension limit is 2^31 - 1 blocks.
+  // One block per kRowWarps<T> (2 or 8) rows: the grid's x-dimension limit is 2^31 - 1 blocks.
   const int64_t n_rows = rowptr.numel() - 1;
-  TORCH_CHECK(n_rows / cuda::kWarpsPerBlock < std::numeric_limits<int32_t>::max(), op,
+  TORCH_CHECK(n_rows / cuda::kRowWarps<float> < std::numeric_limits<int32_t>::max(), op,
               ": too many rows for one launch: ", n_rows);
   // Not checked here (each would cost a device-to-host sync per call): rowptr non-decreasing
   // within [0, nnz] and 0 <= col < x.size(0), which the CPU kernel checks. On CUDA they are the

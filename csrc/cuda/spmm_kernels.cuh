@@ -10,7 +10,7 @@
 //   acc_out[r, :] = acc_in[r, :] + y[r, :]   (acc_in may alias acc_out: same thread, read first)
 //
 // Design (GE-SpMM, SC20: warp per row, coalesced row caching, several output columns per lane):
-// - One warp per output row; 8 warps (256 threads) per block, so a block covers 8 rows. Rows are
+// - One warp per output row; 2 warps per block for float, 8 for double (kRowWarps). Rows are
 //   independent, so no shared memory and no atomics on the data: the result is deterministic.
 // - The warp walks its row's nonzeros 32 at a time: lane i loads the pair (col[k+i], val[k+i])
 //   (one coalesced 8-byte load per array for the warp), then the 32 pairs are broadcast with
@@ -65,8 +65,18 @@ namespace diffkg_fast {
 namespace cuda {
 
 constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 8;  // 256 threads: 8 rows per block, full occupancy on sm_80/90
+constexpr int kWarpsPerBlock = 8;  // the list and chunk kernels: 256 threads
 constexpr int kThreads = kWarp * kWarpsPerBlock;
+// Rows (warps) per block of the warp-per-row kernel: 2 for float, 8 for double. A block keeps
+// its registers until its slowest warp is done, so rows of unequal length in one block idle the
+// others' share; with 8 rows a block, the sum of the blocks' longest rows is 2.3-2.4x the sum
+// of their means on the benchmark graphs. 2-warp blocks still fill an SM (32 resident blocks x
+// 2 warps >= the 48-50 warps that 32-40 registers allow), and bench/spmm_balance_model.py puts
+// the kernel at 2.5 / 2.0 / 1.2x the balanced time (Gowalla / iFashion / Last-FM) against
+// 3.6 / 3.1 / 1.8x with 8-warp blocks (a model: not measured). Double keeps 8: with 2 or 4,
+// ptxas spilled 8-16 bytes in 2 of its 6 variants (sm_80 VEC 1 COLS 1, sm_90 VEC 1 COLS 4).
+template <typename T>
+constexpr int kRowWarps = sizeof(T) == 4 ? 2 : 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 #ifndef DIFFKG_FAST_LONG_ROW  // overridable only so the CPU emulation test can use small graphs
 constexpr int64_t kLongRow = 256;  // nonzeros above which a row is cut into chunks
@@ -245,14 +255,13 @@ csr_list_long_rows_kernel(const int64_t* __restrict__ rowptr, int64_t n_rows,
 // Requirements (checked by the launcher's caller): d % VEC == 0, x / y / acc pointers aligned to
 // VEC * sizeof(T), 0 <= col[k] < rows of x, rowptr non-decreasing.
 template <typename T, int VEC, int COLS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kWarp * kRowWarps<T>)
 csr_spmm_warp_row_kernel(const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
                          const T* __restrict__ val, const T* __restrict__ x, T* __restrict__ y,
                          const T* acc_in, T* acc_out, int64_t n_rows, int64_t d,
                          int64_t max_nnz) {
   const int lane = threadIdx.x & (kWarp - 1);
-  const int64_t row =
-      static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps<T> + (threadIdx.x >> 5);
   if (row >= n_rows) return;  // warp-uniform: a whole warp leaves together
 
   const int64_t row_start = rowptr[row];
@@ -349,8 +358,9 @@ inline void launch_product(const int64_t* rowptr, const int64_t* col, const T* v
   if (split && list)
     launch_kernel(&csr_list_long_rows_kernel, (n_rows + kThreads - 1) / kThreads, kThreads,
                   stream, rowptr, n_rows, work.count, work.chunks);
-  const int64_t blocks = (n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  launch_kernel(&csr_spmm_warp_row_kernel<T, VEC, COLS>, blocks, kThreads, stream, rowptr, col,
+  const int64_t blocks = (n_rows + kRowWarps<T> - 1) / kRowWarps<T>;
+  launch_kernel(&csr_spmm_warp_row_kernel<T, VEC, COLS>, blocks, kWarp * kRowWarps<T>, stream,
+                rowptr, col,
                 val, x, y, acc_in, acc_out, n_rows, d,
                 split ? kLongRow : std::numeric_limits<int64_t>::max());
   if (!split) return;
@@ -408,7 +418,8 @@ inline void with_variant(int64_t d, const void* const* ptrs, int n_ptrs, F&& f) 
 // Host launcher of csr_spmm: y = A x (n_rows x d). nnz = col's length (bounds every row's
 // length); `work` sized for max_long_chunks(nnz), its counter zero. Does nothing for an empty
 // output. The caller checks the launches (C10_CUDA_KERNEL_LAUNCH_CHECK in spmm_cuda.cu). Grid:
-// one block per 8 rows, so n_rows < 8 * (2^31 - 1) (gridDim.x limit); the caller checks it.
+// one block per kRowWarps<T> rows, so n_rows < 2 * (2^31 - 1) (gridDim.x limit); the caller
+// checks it.
 template <typename T>
 inline void launch_csr_spmm(const int64_t* rowptr, const int64_t* col, const T* val, const T* x,
                             T* y, int64_t n_rows, int64_t d, const LongRowWork<T>& work,
