@@ -35,8 +35,9 @@
 // (3,792 / 9,646 / 22,381 chunks). The constants come from a load-balance model
 // (bench/spmm_balance_model.py: a model, not a measurement; no GPU has run this yet), in
 // multiples of the balanced time: one warp per row 26-72x, the earlier one 16-warp block per row
-// past 1,024 nonzeros 6.0-10.4x, chunks 512 / 256 3.2-6.1x, 256 / 128 2.7-4.5x. Launches, in
-// stream order, with no host sync and no data-dependent allocation:
+// past 1,024 nonzeros 6.0-10.4x, chunks 512 / 256 3.2-6.1x, 256 / 128 2.7-4.5x (8-row blocks;
+// 2.2-3.4x with the float kernel's 2-row blocks). Launches, in stream order, with no host sync
+// and no data-dependent allocation:
 //   0. csr_list_long_rows_kernel (once per op call): each long row reserves ceil(len / kChunk)
 //      consecutive slots of the chunk list (one atomicAdd on a counter) and writes each chunk's
 //      (row, first nonzero) there. Slot order across rows depends on scheduling; the chunks of
