@@ -99,12 +99,19 @@ class SamplerFactors:
         with _precision(precision, w2.device):
             mg = torch.cat([_mm(w1, w2, mm).T, _mm(w2.T, w2, mm)], 1)
         steps = torch.arange(schedule.steps, device=w2.device)
+        bb = b2 @ b2
         return SamplerFactors(
             w1t=w1.T.contiguous(), w2=w2.contiguous(), b2=b2.contiguous(), mg=mg.to(mm),
-            w1b2=w1 @ b2, w2b2=w2.T @ b2, bb=b2 @ b2, bb_value=float(b2 @ b2),
+            w1b2=w1 @ b2, w2b2=w2.T @ b2, bb=bb, bb_value=float(bb),
             bias=denoiser.time_bias(steps),
             c1=tuple(float(v) for v in c1), c2=tuple(float(v) for v in c2),
             norm=denoiser.norm, precision=precision, mm_dtype=mm, w2_mm=w2.contiguous().to(mm))
+
+
+def _triton_default(flag: bool | None, device: torch.device) -> bool:
+    """``fused_topk`` / ``fused_steps``: as given, or (None) on for CUDA tensors when Triton is
+    installed."""
+    return (HAS_TRITON and device.type == "cuda") if flag is None else flag
 
 
 def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -227,8 +234,7 @@ def sample_hidden(
     """
     check_sampling_steps(schedule, sampling_steps)
     fac = SamplerFactors.build(denoiser, schedule, precision)
-    if fused_steps is None:
-        fused_steps = HAS_TRITON and x_start.device.type == "cuda"
+    fused_steps = _triton_default(fused_steps, x_start.device)
     with _precision(precision, x_start.device):
         if sampling_steps > 0:
             start = _noisy_start(fac, x_start, schedule, sampling_steps, generator)
@@ -272,11 +278,8 @@ def sample_topk_hidden(
     if k < 1 or k > denoiser.n_entities:
         raise ValueError(f"k={k} not in [1, n_entities={denoiser.n_entities}]")
     fac = SamplerFactors.build(denoiser, schedule, precision)
-    if fused_topk is None:
-        fused_topk = HAS_TRITON and rowptr.device.type == "cuda"
-    topk = _topk_triton if fused_topk else _topk_torch
-    if fused_steps is None:
-        fused_steps = HAS_TRITON and rowptr.device.type == "cuda"
+    topk = _topk_triton if _triton_default(fused_topk, rowptr.device) else _topk_torch
+    fused_steps = _triton_default(fused_steps, rowptr.device)
     vals, idx = [], []
     with _precision(precision, rowptr.device):
         for start in range(0, rows.numel(), batch_size):
