@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "sampler_step",
-           "weighted_sq_err"]
+__all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "linear_topk_aligned",
+           "sampler_step", "weighted_sq_err"]
 
 MAX_TOPK = 32  # K selection passes over the tile in the epilogue; rebuild_k is 1 by default
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's default (a constexpr global: see attention.py)
@@ -65,12 +65,36 @@ STEP_BLOCK = 1024
 # bench_diffusion.py times them there.
 TOPK_CONFIG = {"ieee": (64, 64, 32, 4, 3), "tf32": (128, 128, 32, 8, 3),
                "bf16": (128, 128, 64, 8, 3)}
+MAX_ALIGN = 16
+
+
+def _align(*sizes: int) -> int:
+    """The largest power of two up to 16 that divides every size (row lengths, strides).
+
+    Why the kernels take it: Triton's JIT marks an integer argument divisible by 16 or by
+    nothing, and DiffKG's shapes are neither (H = 1000, Alibaba's E = 89,196, the medication
+    graph's E = 3,573). Without the mark the row offsets have unknown alignment and every load
+    is 4 bytes wide; linear_topk at H = 1000 also lost its 16-byte ``cp.async`` copies and
+    spilled (bfloat16 sm_90: 255 registers + 168 B of stack, against 126 and none; sizes from
+    cuobjdump, tests/test_kernels_compile.py). ``tl.multiple_of`` on a scalar argument changed
+    nothing in the SASS, so a size is passed divided by its alignment and multiplied back by the
+    constexpr inside the kernel, from which the compiler derives the divisibility."""
+    a = MAX_ALIGN
+    for n in sizes:
+        while n % a:
+            a //= 2
+    return a
 
 
 @triton.jit
-def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E, H, scale, stride_a, stride_w,
-                        n_cand, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, TF32: tl.constexpr):
+def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E_n, H_k, scale, stride_a_k,
+                        stride_w_k, n_cand, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, TF32: tl.constexpr, ALIGN_K: tl.constexpr,
+                        ALIGN_N: tl.constexpr):
+    H = H_k * ALIGN_K  # sizes come divided by their alignment: see _align
+    stride_a = stride_a_k * ALIGN_K
+    stride_w = stride_w_k * ALIGN_K
+    E = E_n * ALIGN_N
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,6 +142,10 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
     if k > n_ent:
         raise ValueError(f"k={k} > {n_ent} columns")
     a, w, bias = a.contiguous(), w.contiguous(), bias.contiguous()
+    if not linear_topk_aligned(hid, a.dtype):
+        raise ValueError(f"linear_topk needs H = {hid} to be a multiple of "
+                         f"{16 // a.element_size()} for {a.dtype} (16-byte rows: unaligned, "
+                         f"the kernel spills); take the GEMM and torch.topk instead")
     prec = "bf16" if a.dtype == torch.bfloat16 else "tf32" if tf32 else "ieee"
     bm, bn, bk, warps, stages = config or TOPK_CONFIG[prec]
     n_tiles = triton.cdiv(n_ent, bn)
@@ -125,17 +153,24 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
     cand_idx = torch.empty(n_rows, n_tiles * k, device=a.device, dtype=torch.int64)
     if n_rows:
         grid = (triton.cdiv(n_rows, bm), n_tiles)
-        _linear_topk_kernel[grid](a, w, bias, cand_val, cand_idx, n_rows, n_ent, hid,
-                                  float(scale), a.stride(0), w.stride(0), n_tiles * k, k,
+        ak, an = _align(hid), _align(n_ent)  # a and w are contiguous: strides = H
+        _linear_topk_kernel[grid](a, w, bias, cand_val, cand_idx, n_rows, n_ent // an,
+                                  hid // ak, float(scale), hid // ak, hid // ak, n_tiles * k, k,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TF32=prec == "tf32",
-                                  num_warps=warps, num_stages=stages)
+                                  ALIGN_K=ak, ALIGN_N=an, num_warps=warps, num_stages=stages)
     vals, pos = torch.topk(cand_val, k, dim=-1)
     return vals, cand_idx.gather(1, pos)
 
 
+def linear_topk_aligned(hid: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_topk` takes rows of ``hid`` elements of ``dtype``: 16-byte rows."""
+    return hid % (16 // torch.empty(0, dtype=dtype).element_size()) == 0
+
+
 @triton.jit
-def _denoise_input_kernel(x0, noise, t, sa, sb, mask, x_in, E, HAS_MASK: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _denoise_input_kernel(x0, noise, t, sa, sb, mask, x_in, E_a, HAS_MASK: tl.constexpr,
+                          BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    E = E_a * ALIGN  # see _align
     row = tl.program_id(0)
     base = row.to(tl.int64) * E
     step = tl.load(t + row)
@@ -172,13 +207,15 @@ def denoise_input(x0: Tensor, noise: Tensor, t: Tensor, sqrt_abar: Tensor,
         _denoise_input_kernel[(n_rows,)](
             x0, noise, t.contiguous(), sqrt_abar.to(torch.float32).contiguous(),
             sqrt_one_minus_abar.to(torch.float32).contiguous(),
-            x0 if mask is None else mask.contiguous(), x_in, n_ent, HAS_MASK=mask is not None,
-            BLOCK=ROW_BLOCK, num_warps=8)
+            x0 if mask is None else mask.contiguous(), x_in, n_ent // _align(n_ent),
+            HAS_MASK=mask is not None, BLOCK=ROW_BLOCK, ALIGN=_align(n_ent), num_warps=8)
     return x_in
 
 
 @triton.jit
-def _weighted_sq_err_kernel(out, x0, coef, sq, E, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_sq_err_kernel(out, x0, coef, sq, E_a, GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                            ALIGN: tl.constexpr):
+    E = E_a * ALIGN  # see _align
     row = tl.program_id(0)
     base = row.to(tl.int64) * E
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -203,8 +240,9 @@ def weighted_sq_err(out: Tensor, x0: Tensor, coef: Tensor | None = None) -> Tens
     sq = torch.zeros(n_rows, device=out.device, dtype=torch.float32)
     if n_rows and n_ent:
         _weighted_sq_err_kernel[(n_rows,)](
-            out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq, n_ent,
-            GRAD=coef is not None, BLOCK=ROW_BLOCK, num_warps=8)
+            out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq,
+            n_ent // _align(n_ent), GRAD=coef is not None, BLOCK=ROW_BLOCK, ALIGN=_align(n_ent),
+            num_warps=8)
     return sq
 
 
@@ -218,8 +256,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _sampler_step_kernel(a, q, z, y, n, p, w1b2, w2b2, bias, H, c1, c2, bb,
-                         UPDATE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+def _sampler_step_kernel(a, q, z, y, n, p, w1b2, w2b2, bias, H_a, c1, c2, bb,
+                         UPDATE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr,
+                         ALIGN: tl.constexpr):
+    H = H_a * ALIGN  # see _align
     row = tl.program_id(0)
     base = row.to(tl.int64) * H
     qbase = base * 2
@@ -283,5 +323,5 @@ def sampler_step(a: Tensor, z: Tensor, y: Tensor, n: Tensor, p: Tensor, bias: Te
     if n_rows and hid:
         _sampler_step_kernel[(n_rows,)](
             a, q if update else a, z, y, n, p, w1b2 if update else bias,
-            w2b2 if update else bias, bias, hid, float(c1), float(c2), float(bb),
-            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, num_warps=4)
+            w2b2 if update else bias, bias, hid // _align(hid), float(c1), float(c2), float(bb),
+            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, ALIGN=_align(hid), num_warps=4)

@@ -3,10 +3,12 @@ on a machine without a GPU (``triton.compile`` with a ``GPUTarget``; resource us
 cubin with the ``cuobjdump`` bundled in Triton).
 
 It catches what the interpreter (``TRITON_INTERPRET=1``) lets through: non-constexpr globals,
-type errors of the real code generator, and register spills. Fails on a compile error or on local
-memory (``LOCAL`` > 0: spilled registers) and when the float32 forward at d >= 64 does not load
-its rows 16 bytes at a time (``LDG.E.128``). Prints registers and shared memory per
-configuration.
+type errors of the real code generator, and register spills. Fails on a compile error, on a stack
+frame or local memory (spilled registers live in the stack frame: ``STACK`` > 0; checking
+``LOCAL`` alone missed a 4-byte spill that ``ptxas -v`` reports), when the float32 forward at
+d >= 64 or a row kernel whose rows allow it does not load 16 bytes at a time (``LDG.E.128``),
+and when the GEMM + top-k kernel does not copy its tiles 16 bytes at a time (``LDGSTS ….128``).
+Prints registers and shared memory per configuration.
 
 Configurations: every ``BLOCK_D`` that :func:`diffkg_fast.kernels.attention.block_sizes` can
 pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 inputs, with dropout
@@ -14,7 +16,9 @@ and normalisation on (the flags only add code to the same kernels); the backward
 both tail modes. Diffusion (:mod:`diffkg_fast.kernels.diffusion`): the GEMM + top-k kernel with
 its ``TOPK_CONFIG`` tiles, float32 (IEEE and TF32) and bfloat16 (``k`` is a runtime argument);
 the training step's two row kernels with and without their optional input / output; the
-sampler's step kernel with and without the update and the normalisation.
+sampler's step kernel with and without the update and the normalisation; each at the alignments
+of its row lengths that ``kernels.diffusion._align`` passes (1 … 16; sizes without the JIT's
+divisibility-16 mark, as DiffKG's H = 1000 and E = 89,196 arrive).
 
 The compiles run in a child process without ``TRITON_INTERPRET`` (conftest.py sets it for the
 interpreter tests, and it changes what ``@triton.jit`` builds at import).
@@ -38,6 +42,9 @@ triton = pytest.importorskip("triton")
 ARCHS = (90, 80)
 WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of block_sizes(d), d in [1, 256]
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
+ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels.diffusion._align
+# Size arguments (divided by their alignment) that the compiles leave without a divisibility mark.
+SIZES = frozenset({"E_n", "H_k", "stride_a_k", "stride_w_k", "E_a", "H_a"})
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -55,30 +62,45 @@ def _configs():
 
 
 def _diffusion_configs():
+    """The diffusion kernels at every alignment ``kernels.diffusion._align`` can pass. Their size
+    arguments arrive divided by the alignment: compiled without the JIT's divisibility-16 mark,
+    the case of DiffKG's shapes (H = 1000 → H_k = 125, E = 89,196 → E_n = 22,299)."""
     from diffkg_fast.kernels import diffusion as K
 
     for prec, dt in (("ieee", "fp32"), ("tf32", "fp32"), ("bf16", "bf16")):
         bm, bn, bk, warps, stages = K.TOPK_CONFIG[prec]
-        yield (f"linear_topk {prec}", K._linear_topk_kernel,
-               {**_sig("A:e W:e bias:a cand_val:a cand_idx:i B:n E:n H:n", dt, "fp32"),
-                "scale": "fp32", **_sig("stride_a:n stride_w:n n_cand:n K:n", dt, "fp32")},
-               {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TF32": prec == "tf32"},
-               {"num_warps": warps, "num_stages": stages})
-    for has_mask in (False, True):
-        yield (f"rows denoise_input fp32 mask={has_mask}", K._denoise_input_kernel,
-               _sig("x0:e noise:e t:i sa:e sb:e mask:e x_in:e E:n", "fp32", "fp32"),
-               {"HAS_MASK": has_mask, "BLOCK": K.ROW_BLOCK}, {"num_warps": 8})
-    for update in (False, True):
-        for norm in (False, True):
-            yield (f"rows sampler_step fp32 update={update} norm={norm}",
-                   K._sampler_step_kernel,
-                   {**_sig("a:e q:e z:e y:e n:e p:e w1b2:e w2b2:e bias:e H:n", "fp32", "fp32"),
-                    "c1": "fp32", "c2": "fp32", "bb": "fp32"},
-                   {"UPDATE": update, "NORM": norm, "BLOCK": K.STEP_BLOCK}, {"num_warps": 4})
-    for grad in (False, True):
-        yield (f"rows weighted_sq_err fp32 grad={grad}", K._weighted_sq_err_kernel,
-               _sig("out:e x0:e coef:e sq:e E:n", "fp32", "fp32"),
-               {"GRAD": grad, "BLOCK": K.ROW_BLOCK}, {"num_warps": 8})
+        # linear_topk takes 16-byte rows only (H % 4 in fp32, % 8 in bf16). ALIGN_N only sets
+        # the bias loads' width: its extremes, and Alibaba's 4 at DiffKG's H.
+        for ak in (4, 8, 16) if dt == "fp32" else (8, 16):
+            for an in sorted({1, 16} | ({4} if ak == 8 else set())):
+                yield (f"linear_topk {prec} align_k={ak} align_n={an}", K._linear_topk_kernel,
+                       {**_sig("A:e W:e bias:a cand_val:a cand_idx:i B:n E_n:n H_k:n", dt,
+                               "fp32"), "scale": "fp32",
+                        **_sig("stride_a_k:n stride_w_k:n n_cand:n K:n", dt, "fp32")},
+                       {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TF32": prec == "tf32",
+                        "ALIGN_K": ak, "ALIGN_N": an},
+                       {"num_warps": warps, "num_stages": stages}, SIZES)
+    for align in ALIGNS:
+        for has_mask in (False, True):
+            yield (f"rows denoise_input fp32 mask={has_mask} align={align}",
+                   K._denoise_input_kernel,
+                   _sig("x0:e noise:e t:i sa:e sb:e mask:e x_in:e E_a:n", "fp32", "fp32"),
+                   {"HAS_MASK": has_mask, "BLOCK": K.ROW_BLOCK, "ALIGN": align},
+                   {"num_warps": 8}, SIZES)
+        for update in (False, True):
+            for norm in (False, True):
+                yield (f"rows sampler_step fp32 update={update} norm={norm} align={align}",
+                       K._sampler_step_kernel,
+                       {**_sig("a:e q:e z:e y:e n:e p:e w1b2:e w2b2:e bias:e H_a:n", "fp32",
+                               "fp32"), "c1": "fp32", "c2": "fp32", "bb": "fp32"},
+                       {"UPDATE": update, "NORM": norm, "BLOCK": K.STEP_BLOCK, "ALIGN": align},
+                       {"num_warps": 4}, SIZES)
+        for grad in (False, True):
+            yield (f"rows weighted_sq_err fp32 grad={grad} align={align}",
+                   K._weighted_sq_err_kernel,
+                   _sig("out:e x0:e coef:e sq:e E_a:n", "fp32", "fp32"),
+                   {"GRAD": grad, "BLOCK": K.ROW_BLOCK, "ALIGN": align}, {"num_warps": 8},
+                   SIZES)
 
 
 def _attention_configs():
@@ -88,7 +110,7 @@ def _attention_configs():
         acc = "fp64" if dt == "fp64" else "fp32"
         f64 = dt == "fp64"
         for block_d in WIDTHS:
-            block_e, bd = K.block_sizes(block_d)
+            block_e, bd = K.block_sizes(block_d, f64)
             assert bd == block_d
             common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d}
             yield (f"forward {dt} d{block_d}", K._rgat_forward_kernel,
@@ -109,16 +131,16 @@ def _attention_configs():
                         "dP2:a d:n", dt, acc), common)
 
 
-def _compile(name, fn, signature, constexprs, options, arch
-             ) -> tuple[str, int, tuple[int, ...], bool]:
+def _compile(name, fn, signature, constexprs, options, unmarked, arch
+             ) -> tuple[str, int, tuple[int, ...], bool, bool]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     # What the JIT specialises for torch tensors (16-byte aligned) and d a multiple of 16: every
-    # argument divisible by 16, which is what lets the row loads vectorise.
-    # (Float scalars take no divisibility.)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values())
-             if kind != "fp32"}
+    # argument divisible by 16, which is what lets the row loads vectorise; the size arguments
+    # in ``unmarked`` get no mark. (Float scalars take no divisibility.)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items())
+             if kind != "fp32" and arg not in unmarked}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                                         attrs=attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
@@ -131,12 +153,15 @@ def _compile(name, fn, signature, constexprs, options, arch
                               capture_output=True, text=True, check=True).stdout
     usage = USAGE.findall(out)
     assert usage, f"{name} sm_{arch}: no resource line in\n{out}"
-    return name, arch, tuple(int(v) for v in usage[-1]), "LDG.E.128" in sass
+    # cp.async copies of 16 bytes (the GEMM's tiles into shared memory), e.g.
+    # LDGSTS.E.BYPASS.128 on sm_90, LDGSTS.E.BYPASS.LTC128B.128 on sm_80.
+    async128 = re.search(r"LDGSTS\.E\.[.\w]*128\b", sass) is not None
+    return name, arch, tuple(int(v) for v in usage[-1]), "LDG.E.128" in sass, async128
 
 
-def _compile_all() -> list[tuple[str, int, tuple[int, ...], bool]]:
-    jobs = [(*cfg, *(() if len(cfg) == 5 else ({},)), arch) for cfg in _configs()
-            for arch in ARCHS]
+def _compile_all() -> list[tuple[str, int, tuple[int, ...], bool, bool]]:
+    defaults = ({}, frozenset())  # options, unmarked
+    jobs = [(*cfg, *defaults[len(cfg) - 4:], arch) for cfg in _configs() for arch in ARCHS]
     # Two threads: triton.compile spends most of its time in ptxas, a child process.
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda j: _compile(*j), jobs))
@@ -150,15 +175,21 @@ def test_every_kernel_config_compiles_without_spills():
     results = json.loads(proc.stdout.splitlines()[-1])
     assert len(results) == len(list(_configs())) * len(ARCHS)
     bad = []
-    for name, arch, (reg, stack, shared, local), vec128 in results:
+    for name, arch, (reg, stack, shared, local), vec128, async128 in results:
         print(f"sm_{arch} {name}: {reg} registers, stack {stack} B, shared {shared} B, "
-              f"local {local} B, 16-byte loads {vec128}")
-        if local:
-            bad.append(f"sm_{arch} {name}: {local} B local memory (spill)")
-        # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction.
+              f"local {local} B, 16-byte loads {vec128}, 16-byte cp.async {async128}")
+        # Spilled registers live in the stack frame (linear_topk bf16 at an unaligned H had a
+        # 168 B stack and no LOCAL); none of these kernels has a local array or a call.
+        if local or stack:
+            bad.append(f"sm_{arch} {name}: stack {stack} B, local {local} B (spill)")
+        # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction;
+        # so must the row kernels where the row length allows (ALIGN >= 4 fp32 elements).
         wide = name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64
-        if (wide or name.startswith("rows ")) and not vec128:
+        aligned_row = name.startswith("rows ") and int(name.split("align=")[-1]) >= 4
+        if (wide or aligned_row) and not vec128:
             bad.append(f"sm_{arch} {name}: no LDG.E.128 in the SASS (loads not vectorised)")
+        if name.startswith("linear_topk") and not async128:
+            bad.append(f"sm_{arch} {name}: no 16-byte cp.async (GEMM tiles not vectorised)")
     assert not bad, "\n".join(bad)
 
 

@@ -167,7 +167,9 @@ kernels = pytest.importorskip("diffkg_fast.kernels.diffusion")
 
 
 @needs_interpreter
-@pytest.mark.parametrize("n_ent", [53, 1500])  # one row block, and two with a partial one
+# One row block, and two or three with a partial one; row lengths aligned to 1, 4 and 16
+# elements (the kernels' ALIGN).
+@pytest.mark.parametrize("n_ent", [53, 1500, 2064])
 def test_triton_row_kernels_interpreter_match_torch(n_ent):
     model, *data = inputs(n_ent=n_ent, batch=6, dtype=torch.float32)
     want = run(lambda *a: diffusion_loss_fused(*a, use_triton=False), model, *data, 0.5)
@@ -186,6 +188,18 @@ def test_triton_row_kernels_interpreter_match_torch(n_ent):
 
 
 # ------------------------------------------------------------- Triton kernels, compiled (GPU)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_row_kernels_every_alignment():
+    # Compiled, the alignment is real: vector loads at a wrong ALIGN fault or read past a row.
+    for n_ent in (53, 1030, 1500, 1000, 2064):  # ALIGN 1, 2, 4, 8, 16
+        model, *data = inputs(n_ent=n_ent, batch=40, dtype=torch.float32, device="cuda")
+        want = run(lambda *a: diffusion_loss_fused(*a, use_triton=False), model, *data, 0.5)
+        got = run(lambda *a: diffusion_loss_fused(*a, use_triton=True), model, *data, 0.5)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -173,8 +173,8 @@ kernels = pytest.importorskip("diffkg_fast.kernels.diffusion")
 
 @needs_interpreter
 @pytest.mark.parametrize("n_rows,hid,n_ent,k,tf32", [
-    (37, 50, 203, 1, False), (37, 50, 203, 5, True), (1, 17, 5, 5, False),
-    (70, 16, 129, 32, False)])
+    (37, 52, 203, 1, False), (37, 40, 204, 5, True), (1, 20, 5, 5, False),
+    (70, 16, 130, 32, False)])  # H aligned to 4, 8, 4, 16; E to 1, 4, 1, 2 (the ALIGN_*)
 def test_linear_topk_interpreter_matches_torch(n_rows, hid, n_ent, k, tf32):
     a, w, b = torch.randn(n_rows, hid), torch.randn(n_ent, hid), torch.randn(n_ent)
     # Small tiles: several column tiles, a partial last one, rows beyond the last row tile.
@@ -195,10 +195,14 @@ def test_linear_topk_argument_errors():
         kernels.linear_topk(a, w[:, :3], b, 1.0, 1)
     with pytest.raises(ValueError, match="k=7"):
         kernels.linear_topk(a, w, b, 1.0, 7)
+    with pytest.raises(ValueError, match="H = 6 to be a multiple of 4"):
+        kernels.linear_topk(torch.randn(3, 6), torch.randn(6, 6), b, 1.0, 1)
+    with pytest.raises(ValueError, match="H = 4 to be a multiple of 8"):
+        kernels.linear_topk(a.bfloat16(), w.bfloat16(), b, 1.0, 1)
 
 
 @needs_interpreter
-def test_fused_topk_falls_back_for_float64_and_large_k():
+def test_fused_topk_falls_back_for_float64_large_k_and_unaligned_h():
     s = DiffusionSchedule()
     rowptr, col = graph(60, 0.08, seed=2)
     model = denoiser(60, 12)  # float64: no kernel, the GEMM and torch.topk
@@ -209,6 +213,10 @@ def test_fused_topk_falls_back_for_float64_and_large_k():
     k = kernels.MAX_TOPK + 1
     got = sample_topk_hidden(m32, rowptr, col, torch.arange(60), s, k, fused_topk=True)
     assert got[1].shape == (60, k)
+    odd = denoiser(60, 13, dtype=torch.float32)  # H = 13: rows not 16-byte aligned
+    want = sample_topk_hidden(odd, rowptr, col, torch.arange(60), s, 3, fused_topk=False)
+    got = sample_topk_hidden(odd, rowptr, col, torch.arange(60), s, 3, fused_topk=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @needs_interpreter
@@ -244,10 +252,24 @@ def _step_torch(a, q, z, y, n, p, w1b2, w2b2, bias, c1, c2, bb, norm):
 @needs_interpreter
 @pytest.mark.parametrize("update", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("n_rows,hid", [(7, 37), (3, 1030), (1, 1)])
+# H aligned to 1, 2, 1, 8 (DiffKG's 1000) and 16 elements: every ALIGN of the kernel.
+@pytest.mark.parametrize("n_rows,hid", [(7, 37), (3, 1030), (1, 1), (2, 1000), (2, 48)])
 def test_sampler_step_interpreter_matches_torch(update, norm, n_rows, hid):
+    _check_sampler_step(update, norm, n_rows, hid, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_sampler_step_every_alignment():
+    # Compiled, the alignment is real: vector loads at a wrong ALIGN fault or read past a row.
+    for hid in (37, 1030, 1500, 1000, 2064):  # ALIGN 1, 2, 4, 8, 16
+        for update in (False, True):
+            _check_sampler_step(update, True, 300, hid, "cuda")
+
+
+def _check_sampler_step(update, norm, n_rows, hid, device):
     g = torch.Generator().manual_seed(hid)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
     a, z, y, bias, w1b2, w2b2 = (torch.tanh(r(n_rows, hid)), r(n_rows, hid), r(n_rows, hid),
                                  r(hid), r(hid), r(hid))
     q = r(n_rows, 2 * hid) if update else None

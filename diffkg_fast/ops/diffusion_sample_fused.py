@@ -248,11 +248,13 @@ def _topk_torch(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor]
 
 
 def _topk_triton(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    from diffkg_fast.kernels.diffusion import MAX_TOPK, linear_topk
+    from diffkg_fast.kernels.diffusion import MAX_TOPK, linear_topk, linear_topk_aligned
 
-    # The kernel takes float32 / bfloat16 operands and k <= MAX_TOPK (k selection passes per
-    # tile); a float64 denoiser or a larger k takes the GEMM and torch.topk.
-    if k > MAX_TOPK or fac.mm_dtype not in (torch.float32, torch.bfloat16):
+    # The kernel takes float32 / bfloat16 operands, k <= MAX_TOPK (k selection passes per tile)
+    # and 16-byte rows (H a multiple of 4 in float32, 8 in bfloat16; DiffKG's 1000 is); a
+    # float64 denoiser, a larger k or an odd H takes the GEMM and torch.topk.
+    if k > MAX_TOPK or fac.mm_dtype not in (torch.float32, torch.bfloat16) or \
+            not linear_topk_aligned(a.shape[1], fac.mm_dtype):
         return _topk_torch(fac, a, k)
     # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
     with torch.cuda.device(a.device) if a.is_cuda else nullcontext():
