@@ -50,17 +50,15 @@ MAX_D = 256  # a row of E lives in registers; wider tables go to the reference
 REL_CHUNK = 256  # edges per program of the relation reduction
 
 
-def block_sizes(d: int, is_f64: bool = False) -> tuple[int, int]:
+def block_sizes(d: int) -> tuple[int, int]:
     """``(BLOCK_E, BLOCK_D)`` for width ``d``: tiles of e_t, P1 and P2 of ~1,024 elements (8 fp32
     registers per thread and tile at 4 warps). KG rows are short (mean degree 6.3 at Alibaba-
     iFashion's shape), so wider edge blocks mostly hold padding; with 2,048-element tiles the
-    backward row kernel took 168 registers at d = 64 (sm_90, no GPU timing behind this choice).
-    float64 takes at most 16 edges: with 32 at BLOCK_D = 16 ptxas spilled 4 B in the atomic-tail
-    backward on sm_80 (96 registers); with 16, 72 registers and no spill."""
+    backward row kernel took 168 registers at d = 64 (sm_90, no GPU timing behind this choice)."""
     if not 1 <= d <= MAX_D:
         raise ValueError(f"the Triton RGAT kernels take 1 <= d <= {MAX_D}, got d = {d}")
     block_d = max(16, triton.next_power_of_2(d))
-    return max(8, min(16 if is_f64 else 32, 1024 // block_d)), block_d
+    return max(8, min(32, 1024 // block_d)), block_d
 
 
 @triton.jit
@@ -247,7 +245,7 @@ def rgat_forward(E: Tensor, P1: Tensor, P2: Tensor, rowptr: Tensor, col: Tensor,
     norm = torch.empty(n, dtype=acc, device=E.device)
     if n == 0:
         return y, lse, norm
-    block_e, block_d = block_sizes(d, acc == torch.float64)
+    block_e, block_d = block_sizes(d)
     _rgat_forward_kernel[(n,)](
         E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm, d,
         HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=acc == torch.float64,
@@ -289,8 +287,8 @@ def rgat_backward(grad_y: Tensor, E: Tensor, P1: Tensor, P2: Tensor, rowptr: Ten
     dP2 = torch.zeros(P2.shape, dtype=acc, device=E.device)
     if n == 0:
         return dE.to(E.dtype), dP1.to(P1.dtype), dP2.to(P2.dtype)
+    block_e, block_d = block_sizes(d)
     is_f64 = acc == torch.float64
-    block_e, block_d = block_sizes(d, is_f64)
     G = torch.empty((n, d), dtype=acc, device=E.device)
     a_buf = torch.empty(nnz, dtype=acc, device=E.device)
     ds_buf = torch.empty(nnz, dtype=acc, device=E.device)

