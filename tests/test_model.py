@@ -9,8 +9,9 @@ import torch
 
 from diffkg_fast.eval.ranking import topk_items
 from diffkg_fast.model import DiffKG, DiffKGConfig, LightGCN, MostPop, bpr_loss, info_nce, l2_reg
+from diffkg_fast.model import diffkg as diffkg_mod
 from diffkg_fast.model.diffkg import propagate
-from diffkg_fast.ops.graph import KGCSR, norm_adjacency
+from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.propagation import lightgcn_propagate
 
 U, N_ITEMS, N_ENT, R = 30, 8, 20, 3
@@ -143,7 +144,11 @@ def test_mostpop_ranks_by_training_popularity() -> None:
         assert list(top[u][: len(expected)]) == expected
 
 
-def test_propagate_matches_the_op_values_and_gradient() -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_propagate_matches_the_reference_values_and_gradient(monkeypatch, kernels) -> None:
+    # kernels=False: the path without the extension (the const_spmm loop).
+    if not kernels:
+        monkeypatch.setattr(diffkg_mod, "_has_kernel", lambda op, device: False)
     train, _ = _toy()
     adj = norm_adjacency(train, U, N_ITEMS)
     g = torch.Generator().manual_seed(2)
@@ -152,6 +157,26 @@ def test_propagate_matches_the_op_values_and_gradient() -> None:
     ours = propagate(adj, x, 2)
     (gx,) = torch.autograd.grad((ours * w).sum(), x)
     x2 = x.detach().clone().requires_grad_(True)
-    ref = lightgcn_propagate(adj, x2, 2)
+    ref = lightgcn_propagate(adj, x2, 2, backend="reference")
     (gref,) = torch.autograd.grad((ref * w).sum(), x2)
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(gx, gref, atol=1e-5)
+
+
+def test_training_step_runs_the_extension_kernels() -> None:
+    # Issue 5: the model's LightGCN propagation and its code term run the C++ ops in training
+    # too (a training forward once took torch.sparse.mm on a CPU), forward and backward.
+    train, kg = _toy()
+    rng = np.random.default_rng(4)
+    codes = torch_csr(sp.csr_matrix((rng.random((U, N_ENT)) < 0.2).astype(np.float32)), "cpu")
+    adj = norm_adjacency(train, U, N_ITEMS)
+    model = DiffKG(U, N_ITEMS, N_ENT, kg.n_relations, adj, DiffKGConfig(), codes=codes,
+                   generator=torch.Generator().manual_seed(0))
+    users, pos, neg = torch.arange(8), torch.arange(8) % N_ITEMS, (torch.arange(8) + 3) % N_ITEMS
+    with torch.profiler.profile() as prof:
+        loss, _ = model.loss(users, pos, neg, kg, kg, torch.Generator().manual_seed(1))
+        loss.backward()
+    names = {e.key for e in prof.key_averages()}
+    # Two views: csr_propagate forward twice and twice more on A^T in the backward.
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("diffkg_fast::csr_propagate", 0) >= 4, sorted(names)
+    assert counts.get("diffkg_fast::csr_spmm", 0) >= 4, sorted(names)

@@ -30,8 +30,11 @@ from torch import Tensor, nn
 
 from diffkg_fast.model.config import DiffKGConfig
 from diffkg_fast.ops.attention import rgat_forward
+from diffkg_fast.ops.backend import resolve
+from diffkg_fast.ops.contrastive import logsumexp_mm
 from diffkg_fast.ops.graph import KGCSR
 from diffkg_fast.ops.propagation import const_spmm, lightgcn_propagate
+from diffkg_fast.ops.spmm import csr_spmm
 
 __all__ = ["DiffKG", "LightGCN", "MostPop", "bpr_loss", "info_nce", "l2_reg", "propagate"]
 
@@ -56,30 +59,38 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     With row-normalised ``z1``, ``z2``: ``-mean_n log( exp(<z1_n, z2_n>/temp) /
     sum_m exp(<z1_n, z2_m>/temp) )``, the denominator over ALL ``N`` rows of view 2. Computed as
     ``logsumexp - positive`` (stable for any ``temp``); the only large temporary is the
-    ``len(nodes) × N`` logit matrix (1,024 × 6,350 floats = 26 MB at the default sizes).
+    ``len(nodes) × N`` logit matrix (1,024 × 6,350 floats = 26 MB at the default sizes), one
+    buffer for forward and backward on a CPU (:func:`~diffkg_fast.ops.contrastive.logsumexp_mm`).
     """
     # 1/temp folded into the B × d side: dividing the B × N logits (and its backward) cost
     # ~20 ms of a 260 ms step at the default size.
     z1 = F.normalize(view1[nodes], dim=-1) / temp
     z2 = F.normalize(view2, dim=-1)
     pos = (z1 * z2[nodes]).sum(-1)
-    return (torch.logsumexp(z1 @ z2.T, dim=-1) - pos).mean()
+    return (logsumexp_mm(z1, z2) - pos).mean()
 
 
 def propagate(adj: Tensor, x: Tensor, layers: int) -> Tensor:
     """``sum_{l=0..layers} A^l x`` for the symmetric normalised adjacency ``A``.
 
-    Without gradient this is :func:`~diffkg_fast.ops.propagation.lightgcn_propagate`; with one
-    it uses :func:`~diffkg_fast.ops.propagation.const_spmm` (same values, a backward that does
-    not rebuild ``A^T``). ``A`` must be symmetric.
+    :func:`~diffkg_fast.ops.propagation.lightgcn_propagate` whenever a kernel backend (the C++ /
+    CUDA extension: one fused op, its own backward) serves the device, and without a gradient.
+    Left to the reference, with a gradient: :func:`~diffkg_fast.ops.propagation.const_spmm`
+    (same values, a backward that does not rebuild ``A^T``). ``A`` must be symmetric.
     """
-    if not (torch.is_grad_enabled() and x.requires_grad) or adj.device.type != "cpu":
+    if _has_kernel("lightgcn_propagate", adj.device) or not (
+            torch.is_grad_enabled() and x.requires_grad):
         return lightgcn_propagate(adj, x, layers)
     out, cur = x, x
     for _ in range(layers):
         cur = const_spmm(adj, cur)
         out = out + cur
     return out
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``backend="auto"`` runs a kernel for ``op`` on ``device`` (not the reference)."""
+    return resolve(op, "auto", device) is not resolve(op, "reference", device)
 
 
 class _Scorer(nn.Module):
@@ -186,7 +197,11 @@ class DiffKG(_Scorer):
 
     def _code_term(self, ent: Tensor) -> Tensor | None:
         """``C @ ent`` for the training code matrix ``C`` (``None`` without patient codes)."""
-        return None if self.codes is None else const_spmm(self.codes, ent, self.codes_t)
+        if self.codes is None:
+            return None
+        if _has_kernel("csr_spmm", ent.device):  # the extension caches C^T itself
+            return csr_spmm(self.codes, ent)
+        return const_spmm(self.codes, ent, self.codes_t)
 
     def _users(self, u_prop: Tensor, code_term: Tensor | None) -> Tensor:
         """User vectors: ``has_train * u_prop`` plus the code term when there is one."""

@@ -6,6 +6,7 @@ oracle of the kernels); :mod:`diffkg_fast.ops.backend` chooses per device.
 
 from diffkg_fast.ops import (
     attention_fused,  # noqa: F401 (registers the fused backends)
+    contrastive,  # noqa: F401
     diffusion_loss_fused,  # noqa: F401
     diffusion_sample_fused,  # noqa: F401
 )
