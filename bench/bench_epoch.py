@@ -21,8 +21,9 @@ Scales (synthetic cohorts, ``build_dataset("synthetic", ...)``):
   labelled as an extrapolation, never mixed with the measured phase seconds. LightGCN has no KG
   side and runs its full epoch at both scales.
 
-``ops``: ``kernels`` is the default (``backend="auto"``: the C++ kernels of the fused attention
-and the LightGCN propagation, the fused diffusion loss and hidden-space sampler), ``reference``
+``ops``: ``kernels`` is the default (``backend="auto"``: the C++ kernels of the fused attention,
+the LightGCN propagation and the code term, the one-buffer InfoNCE logsumexp, the fused
+diffusion loss and hidden-space sampler), ``reference``
 the plain-PyTorch ops ("auto" told to skip the kernels): the whole-epoch before / after of the
 kernel issues.
 """
@@ -102,7 +103,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"),
                    ("diffusion_loss", "cpu"), ("diffusion_sample", "cpu"),
-                   ("diffusion_sample_topk", "cpu"))
+                   ("diffusion_sample_topk", "cpu"), ("logsumexp_mm", "cpu"))
 
 
 @pytest.mark.parametrize("ops", ["kernels", "reference"])
