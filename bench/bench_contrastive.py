@@ -12,8 +12,8 @@ Run ``pytest bench/bench_contrastive.py --benchmark-only`` (CPU; ``OMP_NUM_THREA
   ``cpu_kernel``: ``backend="auto"``.
 
 ``extra_info["minor_faults"]``: page faults per call (``getrusage``). Timed alone, the op's
-extra GEMM and the reference's faults (~5,900 a call against 2) about cancel: the two were
-within 0.87–1.13× of each other in three runs. In the step the faults add up (~22,600 a step
+extra GEMM and the reference's faults (~5,900 a call against 2) about cancel: ``cpu_kernel``
+took 0.98–1.32× the reference's median time in three runs. In the step the faults add up (~22,600 a step
 against ~200: every fresh block of the step faults its pages anew), and over a training
 process they cost the most. There, 83 BPR steps faulted 2.01M pages with the reference op and
 0.15M with this one (``/usr/bin/time``, one thread), and the recommender phase went from
