@@ -13,11 +13,11 @@ Run ``pytest bench/bench_contrastive.py --benchmark-only`` (CPU; ``OMP_NUM_THREA
 
 ``extra_info["minor_faults"]``: page faults per call (``getrusage``). Timed alone, the op's
 extra GEMM and the reference's faults (~5,900 a call against 2) about cancel: ``cpu_kernel``
-took 0.98–1.32× the reference's median time in three runs. In the step the faults add up (~22,600 a step
-against ~200: every fresh block of the step faults its pages anew), and over a training
-process they cost the most. There, 83 BPR steps faulted 2.01M pages with the reference op and
-0.15M with this one (``/usr/bin/time``, one thread), and the recommender phase went from
-10.3–11.5 s to 8.0–10.4 s per 40 steps. Figures: ``bench/results/cpu-contrastive.txt``.
+took 0.98–1.32× the reference's median time in three runs. In the step the faults add up
+(~22,600 a step against ~200: every fresh block of the step faults its pages anew), and over a
+training process they cost the most. There, 83 BPR steps faulted 2.01M pages with the
+reference op and 0.15M with this one (``/usr/bin/time``, one thread), and the recommender phase
+went from 10.3–11.5 s to 8.0–10.4 s per 40 steps. Figures: ``bench/results/cpu-contrastive.txt``.
 """
 
 from __future__ import annotations

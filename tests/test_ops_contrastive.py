@@ -80,6 +80,26 @@ def test_no_grad_empty_columns_and_retained_graph():
     assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_matches_reference_with_one_block():
+    assert backend_mod.resolve("logsumexp_mm", "auto", "cuda") is _logsumexp_mm_lean
+    a, c = (t.detach().cuda().requires_grad_(True) for t in _pair(1024, 20_000, 64, seed=5))
+    w = torch.randn(1024, device="cuda")
+    peak, res = {}, {}
+    for backend in ("cuda", "reference"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        res[backend] = _run(a, c, backend, w)
+        torch.cuda.synchronize()
+        peak[backend] = torch.cuda.max_memory_allocated() - base
+    for x, y in zip(res["cuda"], res["reference"], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    block = 1024 * 20_000 * 4  # one B × N float32 block
+    assert peak["cuda"] < 1.5 * block < peak["reference"], peak
+
+
 def test_auto_backend_and_argument_errors():
     assert backend_mod.resolve("logsumexp_mm", "auto", "cpu") is _logsumexp_mm_lean
     a = torch.zeros(3, 4)
