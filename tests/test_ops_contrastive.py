@@ -80,6 +80,20 @@ def test_no_grad_empty_columns_and_retained_graph():
     assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
 
 
+def test_inside_torch_compile():
+    # Traced by dynamo / AOTAutograd, the in-place buffer reuse must keep its values (inductor
+    # fuses the element-wise passes, so equal to float32 rounding, not bitwise).
+    a, c = _pair(7, 11, 5, seed=4)
+    w = torch.randn(7, generator=torch.Generator().manual_seed(2))
+    fn = torch.compile(lambda x, y: (logsumexp_mm(x, y, backend="cpu") * w).sum())
+    out = fn(a, c)
+    got = (out, *torch.autograd.grad(out, (a, c)))
+    ref = (torch.logsumexp(a @ c.T, -1) * w).sum()
+    want = (ref, *torch.autograd.grad(ref, (a, c)))
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_matches_reference_with_one_block():

@@ -60,7 +60,7 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     sum_m exp(<z1_n, z2_m>/temp) )``, the denominator over ALL ``N`` rows of view 2. Computed as
     ``logsumexp - positive`` (stable for any ``temp``); the only large temporary is the
     ``len(nodes) × N`` logit matrix (1,024 × 6,350 floats = 26 MB at the default sizes), one
-    buffer for forward and backward on a CPU (:func:`~diffkg_fast.ops.contrastive.logsumexp_mm`).
+    buffer for forward and backward (:func:`~diffkg_fast.ops.contrastive.logsumexp_mm`).
     """
     # 1/temp folded into the B × d side: dividing the B × N logits (and its backward) cost
     # ~20 ms of a 260 ms step at the default size.
