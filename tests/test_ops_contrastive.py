@@ -81,8 +81,9 @@ def test_no_grad_empty_columns_and_retained_graph():
 
 
 def test_inside_torch_compile():
-    # Traced by dynamo / AOTAutograd, the in-place buffer reuse must keep its values (inductor
-    # fuses the element-wise passes, so equal to float32 rounding, not bitwise).
+    # Under torch.compile the op traces the reference (torch 2.11's AOTAutograd got the reused
+    # buffer's gradient wrong); inductor fuses the element-wise passes, so the values equal the
+    # eager reference to float32 rounding, not bitwise.
     a, c = _pair(7, 11, 5, seed=4)
     w = torch.randn(7, generator=torch.Generator().manual_seed(2))
     fn = torch.compile(lambda x, y: (logsumexp_mm(x, y, backend="cpu") * w).sum())

@@ -65,8 +65,12 @@ class _LogSumExpMM(torch.autograd.Function):
 @register("logsumexp_mm", "cuda")
 @register("logsumexp_mm", "cpu")
 def _logsumexp_mm_lean(a: Tensor, b: Tensor) -> Tensor:
-    # No gradient to take, or no columns (the max of an empty row): nothing to save.
-    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or not len(b):
+    # No gradient to take, or no columns (the max of an empty row): nothing to save. Under
+    # torch.compile the reference: traced by torch 2.11's AOTAutograd, the buffer reused in
+    # place gave wrong gradients for a (every element; the device mirror's test caught it), and
+    # there the compiler plans the memory anyway.
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or not len(b) \
+            or torch.compiler.is_compiling():
         return _logsumexp_mm_reference(a, b)
     return _LogSumExpMM.apply(a, b)
 
