@@ -68,8 +68,8 @@ TOPK_CONFIG = {"ieee": (64, 64, 32, 4, 3), "tf32": (128, 128, 32, 8, 3),
 MAX_ALIGN = 16
 
 
-def _align(*sizes: int) -> int:
-    """The largest power of two up to 16 that divides every size (row lengths, strides).
+def _align(n: int) -> int:
+    """The largest power of two up to 16 that divides the row length ``n``.
 
     Why the kernels take it: Triton's JIT marks an integer argument divisible by 16 or by
     nothing, and DiffKG's shapes are neither (H = 1000, Alibaba's E = 89,196, the medication
@@ -80,20 +80,16 @@ def _align(*sizes: int) -> int:
     nothing in the SASS, so a size is passed divided by its alignment and multiplied back by the
     constexpr inside the kernel, from which the compiler derives the divisibility."""
     a = MAX_ALIGN
-    for n in sizes:
-        while n % a:
-            a //= 2
+    while n % a:
+        a //= 2
     return a
 
 
 @triton.jit
-def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E_n, H_k, scale, stride_a_k,
-                        stride_w_k, n_cand, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, TF32: tl.constexpr, ALIGN_K: tl.constexpr,
-                        ALIGN_N: tl.constexpr):
+def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E_n, H_k, scale, n_cand, K,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        TF32: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_N: tl.constexpr):
     H = H_k * ALIGN_K  # sizes come divided by their alignment: see _align
-    stride_a = stride_a_k * ALIGN_K
-    stride_w = stride_w_k * ALIGN_K
     E = E_n * ALIGN_N
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,8 +97,8 @@ def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E_n, H_k, scale, stri
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < B
     nmask = offs_n < E
-    rows_a = A + offs_m.to(tl.int64)[:, None] * stride_a
-    rows_w = W + offs_n.to(tl.int64)[None, :] * stride_w
+    rows_a = A + offs_m.to(tl.int64)[:, None] * H  # A and W are contiguous: row stride H
+    rows_w = W + offs_n.to(tl.int64)[None, :] * H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -144,7 +140,7 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
     a, w, bias = a.contiguous(), w.contiguous(), bias.contiguous()
     if not linear_topk_aligned(hid, a.dtype):
         raise ValueError(f"linear_topk needs H = {hid} to be a multiple of "
-                         f"{16 // a.element_size()} for {a.dtype} (16-byte rows: unaligned, "
+                         f"{16 // a.dtype.itemsize} for {a.dtype} (16-byte rows: unaligned, "
                          f"the kernel spills); take the GEMM and torch.topk instead")
     prec = "bf16" if a.dtype == torch.bfloat16 else "tf32" if tf32 else "ieee"
     bm, bn, bk, warps, stages = config or TOPK_CONFIG[prec]
@@ -153,9 +149,9 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
     cand_idx = torch.empty(n_rows, n_tiles * k, device=a.device, dtype=torch.int64)
     if n_rows:
         grid = (triton.cdiv(n_rows, bm), n_tiles)
-        ak, an = _align(hid), _align(n_ent)  # a and w are contiguous: strides = H
+        ak, an = _align(hid), _align(n_ent)
         _linear_topk_kernel[grid](a, w, bias, cand_val, cand_idx, n_rows, n_ent // an,
-                                  hid // ak, float(scale), hid // ak, hid // ak, n_tiles * k, k,
+                                  hid // ak, float(scale), n_tiles * k, k,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TF32=prec == "tf32",
                                   ALIGN_K=ak, ALIGN_N=an, num_warps=warps, num_stages=stages)
     vals, pos = torch.topk(cand_val, k, dim=-1)
@@ -164,7 +160,7 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
 
 def linear_topk_aligned(hid: int, dtype: torch.dtype) -> bool:
     """Whether :func:`linear_topk` takes rows of ``hid`` elements of ``dtype``: 16-byte rows."""
-    return hid % (16 // torch.empty(0, dtype=dtype).element_size()) == 0
+    return hid % (16 // dtype.itemsize) == 0
 
 
 @triton.jit
@@ -204,11 +200,12 @@ def denoise_input(x0: Tensor, noise: Tensor, t: Tensor, sqrt_abar: Tensor,
     n_rows, n_ent = x0.shape
     x_in = torch.empty(n_rows, n_ent, device=x0.device, dtype=out_dtype or x0.dtype)
     if n_rows and n_ent:
+        align = _align(n_ent)
         _denoise_input_kernel[(n_rows,)](
             x0, noise, t.contiguous(), sqrt_abar.to(torch.float32).contiguous(),
             sqrt_one_minus_abar.to(torch.float32).contiguous(),
-            x0 if mask is None else mask.contiguous(), x_in, n_ent // _align(n_ent),
-            HAS_MASK=mask is not None, BLOCK=ROW_BLOCK, ALIGN=_align(n_ent), num_warps=8)
+            x0 if mask is None else mask.contiguous(), x_in, n_ent // align,
+            HAS_MASK=mask is not None, BLOCK=ROW_BLOCK, ALIGN=align, num_warps=8)
     return x_in
 
 
@@ -239,10 +236,10 @@ def weighted_sq_err(out: Tensor, x0: Tensor, coef: Tensor | None = None) -> Tens
     n_rows, n_ent = out.shape
     sq = torch.zeros(n_rows, device=out.device, dtype=torch.float32)
     if n_rows and n_ent:
+        align = _align(n_ent)
         _weighted_sq_err_kernel[(n_rows,)](
             out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq,
-            n_ent // _align(n_ent), GRAD=coef is not None, BLOCK=ROW_BLOCK, ALIGN=_align(n_ent),
-            num_warps=8)
+            n_ent // align, GRAD=coef is not None, BLOCK=ROW_BLOCK, ALIGN=align, num_warps=8)
     return sq
 
 
@@ -321,7 +318,8 @@ def sampler_step(a: Tensor, z: Tensor, y: Tensor, n: Tensor, p: Tensor, bias: Te
                          or w2b2.shape != (hid,))):
         raise ValueError(f"sampler_step: shapes do not match z {tuple(z.shape)}")
     if n_rows and hid:
+        align = _align(hid)
         _sampler_step_kernel[(n_rows,)](
             a, q if update else a, z, y, n, p, w1b2 if update else bias,
-            w2b2 if update else bias, bias, hid // _align(hid), float(c1), float(c2), float(bb),
-            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, ALIGN=_align(hid), num_warps=4)
+            w2b2 if update else bias, bias, hid // align, float(c1), float(c2), float(bb),
+            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, ALIGN=align, num_warps=4)

@@ -45,7 +45,7 @@ WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of block_sizes(d), d in [1, 256
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
 ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels.diffusion._align
 # Size arguments (divided by their alignment) that the compiles leave without a divisibility mark.
-SIZES = frozenset({"E_n", "H_k", "stride_a_k", "stride_w_k", "E_a", "H_a"})
+SIZES = frozenset({"E_n", "H_k", "E_a", "H_a"})
 # One 8-byte stack slot is ptxas's own trade, not register pressure: in a few configurations
 # (4 of 120 attention entries with triton 3.6's ptxas, 1 with 3.9's) it keeps one 64-bit value
 # on the stack at 56-96 of 255 registers (8 B frame, 4-8 B spill stores). Forcing it off with
@@ -84,7 +84,7 @@ def _diffusion_configs():
                 yield (f"linear_topk {prec} align_k={ak} align_n={an}", K._linear_topk_kernel,
                        {**_sig("A:e W:e bias:a cand_val:a cand_idx:i B:n E_n:n H_k:n", dt,
                                "fp32"), "scale": "fp32",
-                        **_sig("stride_a_k:n stride_w_k:n n_cand:n K:n", dt, "fp32")},
+                        **_sig("n_cand:n K:n", dt, "fp32")},
                        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "TF32": prec == "tf32",
                         "ALIGN_K": ak, "ALIGN_N": an},
                        {"num_warps": warps, "num_stages": stages}, SIZES)
