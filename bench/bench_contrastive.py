@@ -28,12 +28,9 @@ import resource
 import pytest
 import torch
 
-from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops.contrastive import logsumexp_mm
 
 B, N, D = 1024, 6350, 64
-KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"),
-                   ("logsumexp_mm", "cpu"))
 
 
 def _timed(benchmark, run, rounds: int) -> None:
@@ -86,10 +83,9 @@ def _medication_step():
 
 
 @pytest.mark.parametrize("provider", ["reference", "cpu_kernel"])
-def test_bpr_step(benchmark, monkeypatch, provider: str) -> None:
+def test_bpr_step(benchmark, request, provider: str) -> None:
     if provider == "reference":
-        for key in KERNEL_BACKENDS:
-            monkeypatch.setitem(backend_mod._AUTO_IF, key, lambda: False)
+        request.getfixturevalue("reference_ops")
     model, kg, batch = _medication_step()
     model.train()
 

@@ -42,7 +42,6 @@ from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.stats import dataset_stats
 from diffkg_fast.model import DiffKGConfig
-from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops._extension import extension_available
 from diffkg_fast.train import train
 from diffkg_fast.train.trainer import PHASES
@@ -106,18 +105,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-KERNEL_BACKENDS = (("rgat_aggregate", "cpu"), ("lightgcn_propagate", "cpu"), ("csr_spmm", "cpu"),
-                   ("diffusion_loss", "cpu"), ("diffusion_sample", "cpu"),
-                   ("diffusion_sample_topk", "cpu"), ("logsumexp_mm", "cpu"))
-
-
 @pytest.mark.parametrize("ops", ["kernels", "reference"])
 @pytest.mark.parametrize("model", ["diffkg", "lightgcn"])
 @pytest.mark.parametrize("scale", list(SCALES))
-def test_epoch(benchmark, monkeypatch, datasets, scale: str, model: str, ops: str) -> None:
+def test_epoch(benchmark, request, datasets, scale: str, model: str, ops: str) -> None:
     if ops == "reference":
-        for key in KERNEL_BACKENDS:
-            monkeypatch.setitem(backend_mod._AUTO_IF, key, lambda: False)
+        request.getfixturevalue("reference_ops")
     benchmark.group = f"epoch_{scale}_{model}"
     ds, build_s = datasets[scale]
     cfg = DiffKGConfig(epoch=1, model=model)  # Params.py defaults otherwise
