@@ -40,7 +40,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_D", "REL_CHUNK", "block_sizes", "rgat_backward", "rgat_forward"]
+from ._align import _align
+
+__all__ = ["MAX_D", "REL_CHUNK", "block_sizes", "rgat_backward", "rgat_forward",
+           "width_align"]
 
 # Globals read inside @triton.jit must be constexpr (the interpreter accepts plain floats, the
 # compiler does not: the ahead-of-time compile test caught it).
@@ -88,9 +91,10 @@ def _edge_tile(E, P1, P2, col, rel, eh, k0, end, d, offs_d, dmask,
 
 
 @triton.jit
-def _rgat_forward_kernel(E, P1, P2, rowptr, col, rel, mask, y, lse, norm, d,
+def _rgat_forward_kernel(E, P1, P2, rowptr, col, rel, mask, y, lse, norm, d_a,
                          HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, IS_F64: tl.constexpr,
-                         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    d = d_a * ALIGN  # the width comes divided by its alignment: see _align
     h = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < d
@@ -125,10 +129,12 @@ def _rgat_forward_kernel(E, P1, P2, rowptr, col, rel, mask, y, lse, norm, d,
 
 @triton.jit
 def _rgat_backward_rows_kernel(gy, E, P1, P2, rowptr, col, rel, mask, y, lse, norm,
-                               G, dE, a_buf, ds_buf, d,
+                               G, dE, a_buf, ds_buf, d_a,
                                HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
                                IS_F64: tl.constexpr, TAIL_ATOMIC: tl.constexpr,
-                               BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                               BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                               ALIGN: tl.constexpr):
+    d = d_a * ALIGN
     h = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < d
@@ -175,9 +181,10 @@ def _rgat_backward_rows_kernel(gy, E, P1, P2, rowptr, col, rel, mask, y, lse, no
 
 
 @triton.jit
-def _rgat_backward_tails_kernel(G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d,
+def _rgat_backward_tails_kernel(G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d_a,
                                 IS_F64: tl.constexpr, BLOCK_E: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
+                                BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    d = d_a * ALIGN
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < d
@@ -200,9 +207,10 @@ def _rgat_backward_tails_kernel(G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf
 
 
 @triton.jit
-def _rgat_backward_rel_kernel(E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2, d,
-                              IS_F64: tl.constexpr, BLOCK_E: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+def _rgat_backward_rel_kernel(E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2,
+                              d_a, IS_F64: tl.constexpr, BLOCK_E: tl.constexpr,
+                              BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    d = d_a * ALIGN
     c = tl.program_id(0).to(tl.int64)
     r = tl.load(c_rel + c)
     start = tl.load(c_start + c)
@@ -229,6 +237,17 @@ def _rgat_backward_rel_kernel(E, col, row, r_edge, c_rel, c_start, c_end, ds_buf
         tl.atomic_add(dP2 + r * d + offs_d, acc2, mask=dmask)
 
 
+def width_align(d: int, dtype: torch.dtype) -> int:
+    """The alignment (in elements) of width ``d`` passed as ``ALIGN``: the largest power of two
+    dividing ``d``, capped at one 16-byte vector of ``dtype`` (4 fp32, 8 bf16 / fp16, 2 fp64;
+    the accumulation buffers are at least as wide, so their rows are aligned too). A larger
+    alignment cannot widen a load further, and the cap keeps one compile per (dtype, width
+    class): at most 4 alignments per ``BLOCK_D``. Without it, at a d that is not a multiple
+    of 16 (the JIT's only mark), e.g. d = 100, every row load of these kernels was 4 bytes
+    wide (SASS, sm_90)."""
+    return _align(d, 16 // dtype.itemsize)
+
+
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -246,10 +265,11 @@ def rgat_forward(E: Tensor, P1: Tensor, P2: Tensor, rowptr: Tensor, col: Tensor,
     if n == 0:
         return y, lse, norm
     block_e, block_d = block_sizes(d)
+    align = width_align(d, E.dtype)
     _rgat_forward_kernel[(n,)](
-        E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm, d,
+        E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm, d // align,
         HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=acc == torch.float64,
-        BLOCK_E=block_e, BLOCK_D=block_d)
+        BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
     return y, lse, norm
 
 
@@ -288,22 +308,23 @@ def rgat_backward(grad_y: Tensor, E: Tensor, P1: Tensor, P2: Tensor, rowptr: Ten
     if n == 0:
         return dE.to(E.dtype), dP1.to(P1.dtype), dP2.to(P2.dtype)
     block_e, block_d = block_sizes(d)
+    align = width_align(d, E.dtype)
     is_f64 = acc == torch.float64
     G = torch.empty((n, d), dtype=acc, device=E.device)
     a_buf = torch.empty(nnz, dtype=acc, device=E.device)
     ds_buf = torch.empty(nnz, dtype=acc, device=E.device)
     _rgat_backward_rows_kernel[(n,)](
         grad_y, E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm,
-        G, dE, a_buf, ds_buf, d,
+        G, dE, a_buf, ds_buf, d // align,
         HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=is_f64,
-        TAIL_ATOMIC=tails == "atomic", BLOCK_E=block_e, BLOCK_D=block_d)
+        TAIL_ATOMIC=tails == "atomic", BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
     if tails == "csr":
         _rgat_backward_tails_kernel[(n,)](
-            G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d,
-            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d)
+            G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d // align,
+            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
     if nnz:
         c_rel, c_start, c_end = _chunk_table(r_rowptr, nnz, REL_CHUNK)
         _rgat_backward_rel_kernel[(c_rel.numel(),)](
-            E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2, d,
-            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d)
+            E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2, d // align,
+            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
     return dE.to(E.dtype), dP1.to(P1.dtype), dP2.to(P2.dtype)

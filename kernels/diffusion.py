@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._align import _align
+
 __all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "linear_topk_aligned",
            "sampler_step", "weighted_sq_err"]
 
@@ -65,24 +67,6 @@ STEP_BLOCK = 1024
 # bench_diffusion.py times them there.
 TOPK_CONFIG = {"ieee": (64, 64, 32, 4, 3), "tf32": (128, 128, 32, 8, 3),
                "bf16": (128, 128, 64, 8, 3)}
-MAX_ALIGN = 16
-
-
-def _align(n: int) -> int:
-    """The largest power of two up to 16 that divides the row length ``n``.
-
-    Why the kernels take it: Triton's JIT marks an integer argument divisible by 16 or by
-    nothing, and DiffKG's shapes are neither (H = 1000, Alibaba's E = 89,196, the medication
-    graph's E = 3,573). Without the mark the row offsets have unknown alignment and every load
-    is 4 bytes wide; linear_topk at H = 1000 also lost its 16-byte ``cp.async`` copies and
-    spilled (bfloat16 sm_90: 255 registers + 168 B of stack, against 126 and none; sizes from
-    cuobjdump, tests/test_kernels_compile.py). ``tl.multiple_of`` on a scalar argument changed
-    nothing in the SASS, so a size is passed divided by its alignment and multiplied back by the
-    constexpr inside the kernel, from which the compiler derives the divisibility."""
-    a = MAX_ALIGN
-    while n % a:
-        a //= 2
-    return a
 
 
 @triton.jit

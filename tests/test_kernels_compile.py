@@ -4,22 +4,24 @@ cubin with the ``cuobjdump`` bundled in Triton).
 
 It catches what the interpreter (``TRITON_INTERPRET=1``) lets through: non-constexpr globals,
 type errors of the real code generator, and register spills. Fails on a compile error, on a
-stack frame past one 8-byte slot or on local memory (spilled registers live in the stack frame;
-checking ``LOCAL`` alone missed spills that ``ptxas -v`` reports: see ``MAX_STACK``), when the
-float32 forward at d >= 64 or a row kernel whose rows allow it does not load 16 bytes at a time
-(``LDG.E.128``), and when the GEMM + top-k kernel does not copy its tiles 16 bytes at a time
-(``LDGSTS ….128``).
+stack frame past two 8-byte slots or on local memory (spilled registers live in the stack frame;
+checking ``LOCAL`` alone missed spills that ``ptxas -v`` reports: see ``MAX_STACK``), when an
+attention kernel at a 16-byte alignment of d or a row kernel whose rows allow it does not load
+16 bytes at a time (``LDG.E.128``), and when the GEMM + top-k kernel does not copy its tiles
+16 bytes at a time (``LDGSTS ….128``).
 Prints registers and shared memory per configuration.
 
 Configurations: every ``BLOCK_D`` that :func:`diffkg_fast.kernels.attention.block_sizes` can
-pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 inputs, with dropout
-and normalisation on (the flags only add code to the same kernels); the backward row kernel in
-both tail modes. Diffusion (:mod:`diffkg_fast.kernels.diffusion`): the GEMM + top-k kernel with
-its ``TOPK_CONFIG`` tiles, float32 (IEEE and TF32) and bfloat16 (``k`` is a runtime argument);
-the training step's two row kernels with and without their optional input / output; the
-sampler's step kernel with and without the update and the normalisation; each at the alignments
-of its row lengths that ``kernels.diffusion._align`` passes (1 … 16; sizes without the JIT's
-divisibility-16 mark, as DiffKG's H = 1000 and E = 89,196 arrive).
+pick (d = 1 … 256), with its ``BLOCK_E``, for float32, bfloat16 and float64 inputs, at every
+alignment of d that ``kernels.attention.width_align`` passes (1 … one 16-byte vector), with
+dropout and normalisation on (the flags only add code to the same kernels); the backward row
+kernel in both tail modes. Diffusion (:mod:`diffkg_fast.kernels.diffusion`): the GEMM + top-k
+kernel with its ``TOPK_CONFIG`` tiles, float32 (IEEE and TF32) and bfloat16 (``k`` is a runtime
+argument); the training step's two row kernels with and without their optional input / output;
+the sampler's step kernel with and without the update and the normalisation; each at the
+alignments of its row lengths that ``kernels._align._align`` passes (1 … 16). Size arguments
+arrive divided by their alignment and compile without the JIT's divisibility-16 mark, as
+DiffKG's H = 1000, E = 89,196 and a width d = 100 arrive.
 
 The compiles run in a child process without ``TRITON_INTERPRET`` (conftest.py sets it for the
 interpreter tests, and it changes what ``@triton.jit`` builds at import).
@@ -43,16 +45,20 @@ triton = pytest.importorskip("triton")
 ARCHS = (90, 80)
 WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of block_sizes(d), d in [1, 256]
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
-ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels.diffusion._align
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
+ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels._align._align
 # Size arguments (divided by their alignment) that the compiles leave without a divisibility mark.
-SIZES = frozenset({"E_n", "H_k", "E_a", "H_a"})
-# One 8-byte stack slot is ptxas's own trade, not register pressure: in a few configurations
-# (4 of 120 attention entries with triton 3.6's ptxas, 1 with 3.9's) it keeps one 64-bit value
-# on the stack at 56-96 of 255 registers (8 B frame, 4-8 B spill stores). Forcing it off with
-# maxnreg=255 raised those kernels to 78-112 registers, fewer resident warps for one L1-resident
-# store, so the slot is allowed; anything larger fails (linear_topk bf16 at an unaligned H had a
-# 168-byte frame).
-MAX_STACK = 8
+SIZES = frozenset({"E_n", "H_k", "E_a", "H_a", "d_a"})
+# A stack frame of one or two 8-byte slots is ptxas's own trade, not register pressure: ptxas
+# keeps a 64-bit value or two on the stack well below its 255-register limit. With triton 3.9:
+# 8 B in 12 of 450 attention entries at 64-96 registers, 16 B (24 B of spill stores) in two
+# (backward rows at BLOCK_D = 256 and ALIGN = 2, i.e. d in 130 … 254 with d % 4 = 2, atomic
+# tails, sm_80) at 96 registers;
+# maxnreg=128 removed that one at 124 registers (4 resident blocks per SM instead of 5), and
+# maxnreg=255 removed the 8-byte slots at 78-112 registers, fewer resident warps for one
+# L1-resident store each, so both are allowed; anything larger fails (linear_topk bf16 at an
+# unaligned H had a 168-byte frame).
+MAX_STACK = 16
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -112,31 +118,41 @@ def _diffusion_configs():
 
 
 def _attention_configs():
+    """The attention kernels at every width class and every alignment of d that
+    ``kernels.attention.width_align`` passes for the dtype (1 … one 16-byte vector), d divided
+    by it and unmarked: the case of d = 100 (fp32: d_a = 25)."""
+    import torch
+
     from diffkg_fast.kernels import attention as K
 
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
     for dt in DTYPES:
         acc = "fp64" if dt == "fp64" else "fp32"
         f64 = dt == "fp64"
         for block_d in WIDTHS:
             block_e, bd = K.block_sizes(block_d)
             assert bd == block_d
-            common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d}
-            yield (f"forward {dt} d{block_d}", K._rgat_forward_kernel,
-                   _sig("E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a norm:a d:n",
-                        dt, acc),
-                   {"HAS_MASK": True, "NORMALIZE": True, **common})
-            for atomic in (False, True):
-                yield (f"backward_rows {dt} d{block_d} atomic={atomic}",
-                       K._rgat_backward_rows_kernel,
-                       _sig("gy:e E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a norm:a "
-                            "G:a dE:a a_buf:a ds_buf:a d:n", dt, acc),
-                       {"HAS_MASK": True, "NORMALIZE": True, "TAIL_ATOMIC": atomic, **common})
-            yield (f"backward_tails {dt} d{block_d}", K._rgat_backward_tails_kernel,
-                   _sig("G:a P2:e rel:i row:i t_rowptr:i t_edge:i a_buf:a ds_buf:a dE:a d:n",
-                        dt, acc), common)
-            yield (f"backward_rel {dt} d{block_d}", K._rgat_backward_rel_kernel,
-                   _sig("E:e col:i row:i r_edge:i c_rel:i c_start:i c_end:i ds_buf:a dP1:a "
-                        "dP2:a d:n", dt, acc), common)
+            top = K.width_align(block_d, torch_dtypes[dt])
+            for align in (a for a in ALIGNS if a <= top):
+                common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d, "ALIGN": align}
+                tag = f"{dt} d{block_d} align={align}"
+                yield (f"forward {tag}", K._rgat_forward_kernel,
+                       _sig("E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a norm:a d_a:n",
+                            dt, acc),
+                       {"HAS_MASK": True, "NORMALIZE": True, **common}, {}, SIZES)
+                for atomic in (False, True):
+                    yield (f"backward_rows {tag} atomic={atomic}",
+                           K._rgat_backward_rows_kernel,
+                           _sig("gy:e E:e P1:e P2:e rowptr:i col:i rel:i mask:e y:e lse:a "
+                                "norm:a G:a dE:a a_buf:a ds_buf:a d_a:n", dt, acc),
+                           {"HAS_MASK": True, "NORMALIZE": True, "TAIL_ATOMIC": atomic,
+                            **common}, {}, SIZES)
+                yield (f"backward_tails {tag}", K._rgat_backward_tails_kernel,
+                       _sig("G:a P2:e rel:i row:i t_rowptr:i t_edge:i a_buf:a ds_buf:a dE:a "
+                            "d_a:n", dt, acc), common, {}, SIZES)
+                yield (f"backward_rel {tag}", K._rgat_backward_rel_kernel,
+                       _sig("E:e col:i row:i r_edge:i c_rel:i c_start:i c_end:i ds_buf:a "
+                            "dP1:a dP2:a d_a:n", dt, acc), common, {}, SIZES)
 
 
 def _compile(name, fn, signature, constexprs, options, unmarked, arch
@@ -194,13 +210,19 @@ def test_every_kernel_config_compiles_without_spills():
             slots.append(f"sm_{arch} {name}")
         # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction;
         # so must the row kernels where the row length allows (ALIGN >= 4 fp32 elements).
-        wide = name.startswith("forward fp32") and int(name.split("d")[-1]) >= 64
-        aligned_row = name.startswith("rows ") and int(name.split("align=")[-1]) >= 4
-        if (wide or aligned_row) and not vec128:
+        # The attention kernels at a 16-byte alignment of d and BLOCK_D >= 32 (at 16 a thread's
+        # slice of a bf16 tile is 8 bytes), and the row kernels where the row length allows
+        # (ALIGN >= 4 fp32 elements), must load 16 bytes per instruction.
+        if name.startswith(("forward", "backward")):
+            dt, width, align = re.search(r" (\w+) d(\d+) align=(\d+)", name).groups()
+            must128 = int(align) * _ITEMSIZE[dt] == 16 and int(width) >= 32
+        else:
+            must128 = name.startswith("rows ") and int(name.split("align=")[-1]) >= 4
+        if must128 and not vec128:
             bad.append(f"sm_{arch} {name}: no LDG.E.128 in the SASS (loads not vectorised)")
         if name.startswith("linear_topk") and not async128:
             bad.append(f"sm_{arch} {name}: no 16-byte cp.async (GEMM tiles not vectorised)")
-    print(f"{len(slots)} configurations keep one {MAX_STACK}-byte stack slot: {slots}")
+    print(f"{len(slots)} configurations keep a stack frame of at most {MAX_STACK} B: {slots}")
     assert not bad, "\n".join(bad)
 
 

@@ -229,6 +229,25 @@ def test_triton_interpreter_large_logits_and_float32():
         assert k == k and k <= 2 * b + 1e-5 * v.abs().max().item(), (k, b)
 
 
+def test_width_align_is_one_vector_at_most():
+    # d arrives divided by its power-of-two alignment, capped at one 16-byte vector of the dtype.
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    assert [kernels.width_align(d, f32) for d in (1, 6, 20, 64, 100, 250)] == [1, 2, 4, 4, 4, 2]
+    assert [kernels.width_align(d, bf16) for d in (3, 12, 64, 100)] == [1, 4, 8, 4]
+    assert [kernels.width_align(d, f64) for d in (3, 64, 70)] == [1, 2, 2]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d", [5, 6, 20])  # float32 alignments 1, 2, 4 (d / align = 5, 3, 5)
+def test_triton_interpreter_float32_every_alignment(d):
+    g = make_graph(23, 3, 50, seed=d)
+    E, Rel, W = tables(g, d, dtype=torch.float32, seed=d)
+    gy = torch.randn(g.n_entities, d)
+    for a, b in zip(_triton_grads(E, Rel, W, g, gy, 0.2, True),
+                    _reference_grads(E, Rel, W, g, gy, **_kw(0.2, True)), strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @needs_interpreter
 def test_triton_interpreter_empty_graph_and_chunks():
     # No edges at all: every row is its own (normalised) embedding; dRel = dW = 0.
@@ -254,7 +273,7 @@ def test_triton_interpreter_empty_graph_and_chunks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("d", [32, 64, 100])
+@pytest.mark.parametrize("d", [33, 32, 64, 100])  # float64 alignments 1, 2, 2, 2
 @pytest.mark.parametrize("tails", ["csr", "atomic"])
 def test_triton_gpu_matches_reference(d, tails):
     g = make_graph(301, 7, 3000, seed=d).to("cuda")
@@ -268,6 +287,18 @@ def test_triton_gpu_matches_reference(d, tails):
     ref = _reference_grads(E, Rel, W, g, gy, **_kw(0.1, True))
     for a, b in zip(out, ref, strict=True):
         assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("d", [33, 50, 100, 250])  # float32 alignments 1, 2, 4, 2 (compiled)
+def test_triton_gpu_float32_every_alignment(d):
+    g = make_graph(301, 7, 3000, seed=d).to("cuda")
+    E, Rel, W = (t.cuda() for t in tables(g, d, dtype=torch.float32, seed=d))
+    gy = torch.randn(g.n_entities, d, device="cuda")
+    for a, b in zip(_triton_grads(E, Rel, W, g, gy, 0.2, True, "atomic"),
+                    _reference_grads(E, Rel, W, g, gy, **_kw(0.2, True)), strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
