@@ -257,3 +257,23 @@ def test_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
         ext._clear_stale_lock()
     assert not lock.exists()
     ext._clear_stale_lock()  # no lock: nothing to do
+
+
+def test_up_to_date_counts_the_headers(monkeypatch, tmp_path):
+    # The progress line is printed when a compile is coming: a changed header recompiles too.
+    src, build = tmp_path / "src", tmp_path / "build"
+    for rel in (*ext._SOURCES, "cpu/simd.h"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).touch()
+    build.mkdir()
+    monkeypatch.setattr(ext, "_build_dir", lambda: build)
+    assert not ext._up_to_date(src)  # nothing built
+    lib = build / f"{ext._JIT_NAME}.so"
+    lib.touch()
+    t = time.time()
+    for f in src.rglob("*"):
+        os.utime(f, (t - 100, t - 100))
+    os.utime(lib, (t - 50, t - 50))
+    assert ext._up_to_date(src)
+    os.utime(src / "cpu/simd.h", (t, t))
+    assert not ext._up_to_date(src)

@@ -26,21 +26,10 @@
 
 #include "../spmm_checks.h"
 #include "row_chunks.h"
+#include "simd.h"
 
 namespace diffkg_fast {
 namespace {
-
-// "arch=x86-64-v3" (AVX2 + FMA) is dispatched on CPU features; "arch=haswell" was dispatched on
-// the CPU *model* (__builtin_cpu_is), so AMD CPUs such as this EPYC ran the baseline clone.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#if __GNUC__ >= 12
-#define DIFFKG_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIFFKG_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#else
-#define DIFFKG_TARGET_CLONES
-#endif
 
 // What a layer writes per row r (acc = (A cur)[r]):
 //   next[r] = acc               when next != nullptr
@@ -60,13 +49,6 @@ struct Layer {
 };
 
 constexpr int64_t kPrefetch = 16;  // nonzeros ahead; measured on the Gowalla shape, d = 64
-
-template <typename T>
-inline __attribute__((always_inline)) void prefetch_row(const T* p, int64_t d) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
-}
 
 // D > 0: the row width is a compile-time constant, so acc is a local array that the compiler keeps
 // in vector registers for the whole row (d = 32 float: 4 AVX2 registers) instead of loading and

@@ -149,7 +149,9 @@ def _up_to_date(src: Path) -> bool:
     if d is None:
         return False
     libs = list(d.glob(f"{_JIT_NAME}*.so"))
-    newest_src = max((src / s).stat().st_mtime for s in _SOURCES)
+    # The headers too: ninja rebuilds when one changed (compiler depfiles).
+    files = [src / s for s in _SOURCES] + list(src.glob("*.h")) + list(src.glob("cpu/*.h"))
+    newest_src = max(f.stat().st_mtime for f in files)
     return any(lib.stat().st_mtime >= newest_src for lib in libs)
 
 
