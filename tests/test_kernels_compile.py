@@ -39,13 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
 ARCHS = (90, 80)
 WIDTHS = (16, 32, 64, 128, 256)  # every BLOCK_D of block_sizes(d), d in [1, 256]
-DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp64": "fp64"}
-_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 ALIGNS = (1, 2, 4, 8, 16)  # every value of kernels._align._align
 # Size arguments (divided by their alignment) that the compiles leave without a divisibility mark.
 SIZES = frozenset({"E_n", "H_k", "E_a", "H_a", "d_a"})
@@ -53,11 +53,11 @@ SIZES = frozenset({"E_n", "H_k", "E_a", "H_a", "d_a"})
 # keeps a 64-bit value or two on the stack well below its 255-register limit. With triton 3.9:
 # 8 B in 12 of 450 attention entries at 64-96 registers, 16 B (24 B of spill stores) in two
 # (backward rows at BLOCK_D = 256 and ALIGN = 2, i.e. d in 130 … 254 with d % 4 = 2, atomic
-# tails, sm_80) at 96 registers;
-# maxnreg=128 removed that one at 124 registers (4 resident blocks per SM instead of 5), and
-# maxnreg=255 removed the 8-byte slots at 78-112 registers, fewer resident warps for one
-# L1-resident store each, so both are allowed; anything larger fails (linear_topk bf16 at an
-# unaligned H had a 168-byte frame).
+# tails, sm_80) at 96 registers. maxnreg=128 removed that one at 124 registers (4 resident
+# blocks per SM instead of 5), and maxnreg=255 removed the 8-byte slots at 78-112 registers,
+# fewer resident warps for one L1-resident store each, so both are allowed; anything larger
+# fails (linear_topk bf16 at an unaligned H had a 168-byte frame). Triton 3.6 (the GPU
+# machine's): 23 of the 450 attention entries keep 8-16 B.
 MAX_STACK = 16
 USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -121,18 +121,15 @@ def _attention_configs():
     """The attention kernels at every width class and every alignment of d that
     ``kernels.attention.width_align`` passes for the dtype (1 … one 16-byte vector), d divided
     by it and unmarked: the case of d = 100 (fp32: d_a = 25)."""
-    import torch
-
     from diffkg_fast.kernels import attention as K
 
-    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
     for dt in DTYPES:
         acc = "fp64" if dt == "fp64" else "fp32"
         f64 = dt == "fp64"
         for block_d in WIDTHS:
             block_e, bd = K.block_sizes(block_d)
             assert bd == block_d
-            top = K.width_align(block_d, torch_dtypes[dt])
+            top = K.width_align(block_d, DTYPES[dt])
             for align in (a for a in ALIGNS if a <= top):
                 common = {"IS_F64": f64, "BLOCK_E": block_e, "BLOCK_D": block_d, "ALIGN": align}
                 tag = f"{dt} d{block_d} align={align}"
@@ -208,14 +205,12 @@ def test_every_kernel_config_compiles_without_spills():
             bad.append(f"sm_{arch} {name}: stack {stack} B, local {local} B (spill)")
         elif stack:
             slots.append(f"sm_{arch} {name}")
-        # 32-bit rows of 64+ elements: the e_t / P tiles must load 16 bytes per instruction;
-        # so must the row kernels where the row length allows (ALIGN >= 4 fp32 elements).
         # The attention kernels at a 16-byte alignment of d and BLOCK_D >= 32 (at 16 a thread's
         # slice of a bf16 tile is 8 bytes), and the row kernels where the row length allows
         # (ALIGN >= 4 fp32 elements), must load 16 bytes per instruction.
         if name.startswith(("forward", "backward")):
             dt, width, align = re.search(r" (\w+) d(\d+) align=(\d+)", name).groups()
-            must128 = int(align) * _ITEMSIZE[dt] == 16 and int(width) >= 32
+            must128 = int(align) * DTYPES[dt].itemsize == 16 and int(width) >= 32
         else:
             must128 = name.startswith("rows ") and int(name.split("align=")[-1]) >= 4
         if must128 and not vec128:

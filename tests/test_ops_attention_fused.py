@@ -240,10 +240,14 @@ def test_width_align_is_one_vector_at_most():
 @needs_interpreter
 @pytest.mark.parametrize("d", [5, 6, 20])  # float32 alignments 1, 2, 4 (d / align = 5, 3, 5)
 def test_triton_interpreter_float32_every_alignment(d):
-    g = make_graph(23, 3, 50, seed=d)
-    E, Rel, W = tables(g, d, dtype=torch.float32, seed=d)
-    gy = torch.randn(g.n_entities, d)
-    for a, b in zip(_triton_grads(E, Rel, W, g, gy, 0.2, True),
+    _assert_float32_kernels_match(make_graph(23, 3, 50, seed=d), d, "csr", "cpu")
+
+
+def _assert_float32_kernels_match(g, d: int, tails: str, device: str) -> None:
+    """The Triton launchers in float32 (dropout 0.2, normalised) against the reference."""
+    E, Rel, W = (t.to(device) for t in tables(g, d, dtype=torch.float32, seed=d))
+    gy = torch.randn(g.n_entities, d, device=device)
+    for a, b in zip(_triton_grads(E, Rel, W, g, gy, 0.2, True, tails),
                     _reference_grads(E, Rel, W, g, gy, **_kw(0.2, True)), strict=True):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -293,12 +297,8 @@ def test_triton_gpu_matches_reference(d, tails):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("d", [33, 50, 100, 250])  # float32 alignments 1, 2, 4, 2 (compiled)
 def test_triton_gpu_float32_every_alignment(d):
-    g = make_graph(301, 7, 3000, seed=d).to("cuda")
-    E, Rel, W = (t.cuda() for t in tables(g, d, dtype=torch.float32, seed=d))
-    gy = torch.randn(g.n_entities, d, device="cuda")
-    for a, b in zip(_triton_grads(E, Rel, W, g, gy, 0.2, True, "atomic"),
-                    _reference_grads(E, Rel, W, g, gy, **_kw(0.2, True)), strict=True):
-        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_float32_kernels_match(make_graph(301, 7, 3000, seed=d).to("cuda"), d, "atomic",
+                                  "cuda")
 
 
 @pytest.mark.gpu
