@@ -5,8 +5,9 @@ ahead of time as ``diffkg_fast._C`` when torch is importable at build time, i.e.
 ``pip install --no-build-isolation`` (or ``pip wheel --no-build-isolation``); its CUDA kernels
 (csrc/cuda/*.cu) only when that torch has CUDA and nvcc is found. With build isolation (a plain
 ``pip install -e .``) torch is absent here and nothing is compiled: the first call of a kernel
-backend then builds the CPU part with torch's JIT loader (diffkg_fast/ops/_extension.py), from the
-sources shipped as package data (diffkg_fast/csrc/) or the checkout's csrc/. The extension is
+backend then builds the extension with torch's JIT loader (diffkg_fast/ops/_extension.py; the
+CUDA part too under the same condition), from the sources shipped as package data
+(diffkg_fast/csrc/) or the checkout's csrc/. The extension is
 ``optional``: a failed compile (no compiler) warns and leaves a working pure-Python package.
 ``DIFFKG_FAST_NO_EXTENSION=1`` skips it.
 """

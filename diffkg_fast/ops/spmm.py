@@ -31,7 +31,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from diffkg_fast.ops._extension import extension_available, load_extension
+from diffkg_fast.ops._extension import (
+    cuda_kernels_registered,
+    extension_available,
+    load_extension,
+    require_cuda_kernels,
+)
 from diffkg_fast.ops.backend import register, resolve
 
 __all__ = ["csr_parts", "csr_spmm", "csr_transpose", "ensure_ops"]
@@ -46,8 +51,7 @@ _TRANSPOSE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _cuda_kernels_loaded() -> bool:
-    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "diffkg_fast::csr_spmm", "CUDA")
+    return extension_available() and cuda_kernels_registered()
 
 
 def csr_parts(adj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,6 +204,8 @@ def _csr_spmm_kernel(adj: Tensor, x: Tensor) -> Tensor:
     if x.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: the kernels stop at float32
         return _csr_spmm_reference(adj, x)
     ensure_ops()
+    if x.is_cuda:
+        require_cuda_kernels("csr_spmm")
     return torch.ops.diffkg_fast.csr_spmm(*csr_parts(adj), x)
 
 
@@ -207,6 +213,8 @@ def _propagate_kernel(adj: Tensor, X: Tensor, layers: int) -> Tensor:
     if X.dtype not in _KERNEL_DTYPES:
         return resolve("lightgcn_propagate", "reference", X.device)(adj, X, layers)
     ensure_ops()
+    if X.is_cuda:
+        require_cuda_kernels("lightgcn_propagate")
     return torch.ops.diffkg_fast.csr_propagate(*csr_parts(adj), X, layers)
 
 
