@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._align import _align
+from ._launch import on_device
 
 __all__ = ["MAX_TOPK", "TOPK_CONFIG", "denoise_input", "linear_topk", "linear_topk_aligned",
            "sampler_step", "weighted_sq_err"]
@@ -75,8 +76,11 @@ def _linear_topk_kernel(A, W, bias, cand_val, cand_idx, B, E_n, H_k, scale, n_ca
                         TF32: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_N: tl.constexpr):
     H = H_k * ALIGN_K  # sizes come divided by their alignment: see _align
     E = E_n * ALIGN_N
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One grid axis, row tiles fastest: a 2-D grid's y-axis (65,535) capped E at 4.2M columns.
+    m_tiles = tl.cdiv(B, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % m_tiles
+    pid_n = pid // m_tiles
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < B
@@ -132,12 +136,14 @@ def linear_topk(a: Tensor, w: Tensor, bias: Tensor, scale: float, k: int, *, tf3
     cand_val = torch.empty(n_rows, n_tiles * k, device=a.device, dtype=torch.float32)
     cand_idx = torch.empty(n_rows, n_tiles * k, device=a.device, dtype=torch.int64)
     if n_rows:
-        grid = (triton.cdiv(n_rows, bm), n_tiles)
+        grid = (triton.cdiv(n_rows, bm) * n_tiles,)
         ak, an = _align(hid), _align(n_ent)
-        _linear_topk_kernel[grid](a, w, bias, cand_val, cand_idx, n_rows, n_ent // an,
-                                  hid // ak, float(scale), n_tiles * k, k,
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TF32=prec == "tf32",
-                                  ALIGN_K=ak, ALIGN_N=an, num_warps=warps, num_stages=stages)
+        with on_device(a):
+            _linear_topk_kernel[grid](a, w, bias, cand_val, cand_idx, n_rows, n_ent // an,
+                                      hid // ak, float(scale), n_tiles * k, k,
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TF32=prec == "tf32",
+                                      ALIGN_K=ak, ALIGN_N=an, num_warps=warps,
+                                      num_stages=stages)
     vals, pos = torch.topk(cand_val, k, dim=-1)
     return vals, cand_idx.gather(1, pos)
 
@@ -185,11 +191,12 @@ def denoise_input(x0: Tensor, noise: Tensor, t: Tensor, sqrt_abar: Tensor,
     x_in = torch.empty(n_rows, n_ent, device=x0.device, dtype=out_dtype or x0.dtype)
     if n_rows and n_ent:
         align = _align(n_ent)
-        _denoise_input_kernel[(n_rows,)](
-            x0, noise, t.contiguous(), sqrt_abar.to(torch.float32).contiguous(),
-            sqrt_one_minus_abar.to(torch.float32).contiguous(),
-            x0 if mask is None else mask.contiguous(), x_in, n_ent // align,
-            HAS_MASK=mask is not None, BLOCK=ROW_BLOCK, ALIGN=align, num_warps=8)
+        with on_device(x0):
+            _denoise_input_kernel[(n_rows,)](
+                x0, noise, t.contiguous(), sqrt_abar.to(torch.float32).contiguous(),
+                sqrt_one_minus_abar.to(torch.float32).contiguous(),
+                x0 if mask is None else mask.contiguous(), x_in, n_ent // align,
+                HAS_MASK=mask is not None, BLOCK=ROW_BLOCK, ALIGN=align, num_warps=8)
     return x_in
 
 
@@ -221,9 +228,11 @@ def weighted_sq_err(out: Tensor, x0: Tensor, coef: Tensor | None = None) -> Tens
     sq = torch.zeros(n_rows, device=out.device, dtype=torch.float32)
     if n_rows and n_ent:
         align = _align(n_ent)
-        _weighted_sq_err_kernel[(n_rows,)](
-            out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq,
-            n_ent // align, GRAD=coef is not None, BLOCK=ROW_BLOCK, ALIGN=align, num_warps=8)
+        with on_device(out):
+            _weighted_sq_err_kernel[(n_rows,)](
+                out, x0, out if coef is None else coef.to(torch.float32).contiguous(), sq,
+                n_ent // align, GRAD=coef is not None, BLOCK=ROW_BLOCK, ALIGN=align,
+                num_warps=8)
     return sq
 
 
@@ -303,7 +312,8 @@ def sampler_step(a: Tensor, z: Tensor, y: Tensor, n: Tensor, p: Tensor, bias: Te
         raise ValueError(f"sampler_step: shapes do not match z {tuple(z.shape)}")
     if n_rows and hid:
         align = _align(hid)
-        _sampler_step_kernel[(n_rows,)](
-            a, q if update else a, z, y, n, p, w1b2 if update else bias,
-            w2b2 if update else bias, bias, hid // align, float(c1), float(c2), float(bb),
-            UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, ALIGN=align, num_warps=4)
+        with on_device(z):
+            _sampler_step_kernel[(n_rows,)](
+                a, q if update else a, z, y, n, p, w1b2 if update else bias,
+                w2b2 if update else bias, bias, hid // align, float(c1), float(c2), float(bb),
+                UPDATE=update, NORM=norm, BLOCK=STEP_BLOCK, ALIGN=align, num_warps=4)

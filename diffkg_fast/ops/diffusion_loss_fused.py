@@ -36,8 +36,6 @@ Backends of ``diffusion_loss``: ``"cpu"`` (torch ops, oneDNN / MKL GEMMs) and ``
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -149,9 +147,7 @@ def diffusion_loss_fused(
         x_in = x_in.mul_(mask) if mask is not None else x_in
     w = schedule.snr_weights().to(x0.device)[t].to(x0.dtype)
     mm = torch.bfloat16 if precision == "bf16" else x0.dtype
-    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
-    with _precision(precision, x0.device), \
-            torch.cuda.device(x0.device) if x0.is_cuda else nullcontext():
+    with _precision(precision, x0.device):
         loss, diff, ckgc = _DenoiseLoss.apply(
             x_in, denoiser.in_layer.weight[:, :n_ent], denoiser.time_bias(t),
             denoiser.out_layer.weight, denoiser.out_layer.bias, x0.contiguous(), w,

@@ -35,7 +35,7 @@ Mathematically this is the reference; numerically it re-associates sums (float64
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -194,13 +194,11 @@ def _last_hidden_fused(fac: SamplerFactors, z: Tensor, y: Tensor, n: Tensor,
     last = len(fac.c1) - 1
     bias = fac.bias.to(torch.float32).contiguous()
     w1b2, w2b2 = fac.w1b2.contiguous(), fac.w2b2.contiguous()
-    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
-    with torch.cuda.device(z.device) if z.is_cuda else nullcontext():
-        sampler_step(a, z, y, n, p, bias[last], norm=fac.norm)
-        for t in range(last, 0, -1):
-            q = _mm(a, fac.mg, fac.mm_dtype).contiguous()
-            sampler_step(a, z, y, n, p, bias[t - 1], norm=fac.norm, q=q, w1b2=w1b2,
-                         w2b2=w2b2, c1=fac.c1[t], c2=fac.c2[t], bb=fac.bb_value)
+    sampler_step(a, z, y, n, p, bias[last], norm=fac.norm)
+    for t in range(last, 0, -1):
+        q = _mm(a, fac.mg, fac.mm_dtype).contiguous()
+        sampler_step(a, z, y, n, p, bias[t - 1], norm=fac.norm, q=q, w1b2=w1b2, w2b2=w2b2,
+                     c1=fac.c1[t], c2=fac.c2[t], bb=fac.bb_value)
     return a
 
 
@@ -256,10 +254,8 @@ def _topk_triton(fac: SamplerFactors, a: Tensor, k: int) -> tuple[Tensor, Tensor
     if k > MAX_TOPK or fac.mm_dtype not in (torch.float32, torch.bfloat16) or \
             not linear_topk_aligned(a.shape[1], fac.mm_dtype):
         return _topk_torch(fac, a, k)
-    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
-    with torch.cuda.device(a.device) if a.is_cuda else nullcontext():
-        return linear_topk(a.to(fac.mm_dtype), fac.w2_mm, fac.b2, fac.c1[0], k,
-                           tf32=fac.precision == "tf32")
+    return linear_topk(a.to(fac.mm_dtype), fac.w2_mm, fac.b2, fac.c1[0], k,
+                       tf32=fac.precision == "tf32")
 
 
 @torch.no_grad()
