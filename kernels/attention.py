@@ -22,13 +22,15 @@ temporary. Gradients into tails take one of two routes (``tails=``):
 
 - ``"csr"`` (default): a second kernel, one program per tail over the transposed CSR (edge ids
   sorted by tail, built once per graph), adds ``a_e G_h + ds_e P2[r_e]`` without atomics;
-  deterministic.
+  ``dE`` is deterministic.
 - ``"atomic"``: the row kernel scatters them with ``tl.atomic_add``; one kernel fewer, order of
   the float additions not fixed.
 
 ``dP1``/``dP2`` are reduced per relation over edges grouped by relation (``r_edge``) in chunks
 of ``REL_CHUNK`` edges, one atomic add of a d-vector per chunk: per-edge atomics on ~10^2
-relation rows would serialise.
+relation rows would serialise. Under ``torch.use_deterministic_algorithms(True)`` each chunk
+writes its partial sum instead and a second kernel, one program per relation, adds them in
+chunk order: with ``tails="csr"`` the whole backward is then bitwise reproducible.
 
 Accumulation is float32 whatever the input dtype (float64 for float64 inputs); offsets are int64.
 """
@@ -41,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._align import _align
+from ._launch import on_device
 
 __all__ = ["MAX_D", "REL_CHUNK", "block_sizes", "rgat_backward", "rgat_forward",
            "width_align"]
@@ -208,8 +211,9 @@ def _rgat_backward_tails_kernel(G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf
 
 @triton.jit
 def _rgat_backward_rel_kernel(E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2,
-                              d_a, IS_F64: tl.constexpr, BLOCK_E: tl.constexpr,
-                              BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+                              d_a, IS_F64: tl.constexpr, PARTIAL: tl.constexpr,
+                              BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                              ALIGN: tl.constexpr):
     d = d_a * ALIGN
     c = tl.program_id(0).to(tl.int64)
     r = tl.load(c_rel + c)
@@ -232,9 +236,34 @@ def _rgat_backward_rel_kernel(E, col, row, r_edge, c_rel, c_start, c_end, ds_buf
         et = _acc(tl.load(E + t[:, None] * d + offs_d[None, :], mask=m2, other=0.0), IS_F64)
         acc1 += tl.sum(ds[:, None] * eh, axis=0)
         acc2 += tl.sum(ds[:, None] * et, axis=0)
-    if end > start:
+    if PARTIAL:  # dP1 / dP2 are the (chunks, d) partial sums, reduced by _rgat_rel_sum_kernel
+        tl.store(dP1 + c * d + offs_d, acc1, mask=dmask)
+        tl.store(dP2 + c * d + offs_d, acc2, mask=dmask)
+    elif end > start:
         tl.atomic_add(dP1 + r * d + offs_d, acc1, mask=dmask)
         tl.atomic_add(dP2 + r * d + offs_d, acc2, mask=dmask)
+
+
+@triton.jit
+def _rgat_rel_sum_kernel(part1, part2, r_first, r_count, dP1, dP2, d_a, IS_F64: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    """dP[r] = the sum of relation r's chunk partials, in chunk order: deterministic."""
+    d = d_a * ALIGN
+    r = tl.program_id(0).to(tl.int64)
+    first = tl.load(r_first + r)
+    count = tl.load(r_count + r)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < d
+    acc1 = _acc(tl.sum(tl.zeros([BLOCK_C, BLOCK_D], tl.float32), axis=0), IS_F64)
+    acc2 = acc1
+    for c0 in range(0, count, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m2 = (offs_c < count)[:, None] & dmask[None, :]
+        at = (first + offs_c)[:, None] * d + offs_d[None, :]
+        acc1 += tl.sum(tl.load(part1 + at, mask=m2, other=0.0), axis=0)
+        acc2 += tl.sum(tl.load(part2 + at, mask=m2, other=0.0), axis=0)
+    tl.store(dP1 + r * d + offs_d, acc1, mask=dmask)
+    tl.store(dP2 + r * d + offs_d, acc2, mask=dmask)
 
 
 def width_align(d: int, dtype: torch.dtype) -> int:
@@ -266,17 +295,20 @@ def rgat_forward(E: Tensor, P1: Tensor, P2: Tensor, rowptr: Tensor, col: Tensor,
         return y, lse, norm
     block_e, block_d = block_sizes(d)
     align = width_align(d, E.dtype)
-    _rgat_forward_kernel[(n,)](
-        E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm, d // align,
-        HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=acc == torch.float64,
-        BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
+    with on_device(E):
+        _rgat_forward_kernel[(n,)](
+            E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm,
+            d // align, HAS_MASK=mask is not None, NORMALIZE=normalize,
+            IS_F64=acc == torch.float64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
     return y, lse, norm
 
 
-def _chunk_table(r_rowptr: Tensor, nnz: int, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_table(r_rowptr: Tensor, nnz: int, chunk: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(relation, start, end)`` of every chunk of at most ``chunk`` edges of the relation-
     grouped edge list, in a static count ``nnz // chunk + R`` (the padding chunks are empty), so
-    sizing the grid needs no host synchronisation."""
+    sizing the grid needs no host synchronisation; and per relation its first chunk and its
+    chunk count (relation r's chunks are ``first[r] .. first[r] + count[r] - 1``)."""
     n_rel = r_rowptr.numel() - 1
     dev = r_rowptr.device
     per_rel = (r_rowptr.diff() + chunk - 1) // chunk
@@ -284,47 +316,68 @@ def _chunk_table(r_rowptr: Tensor, nnz: int, chunk: int) -> tuple[Tensor, Tensor
     n_chunks = nnz // chunk + n_rel  # >= sum ceil(count / chunk)
     ids = torch.arange(n_chunks, device=dev)
     c_rel = torch.searchsorted(ends, ids, right=True).clamp_(max=max(n_rel - 1, 0))
-    first = ends[c_rel] - per_rel[c_rel]
-    c_start = r_rowptr[c_rel] + (ids - first) * chunk
+    first = ends - per_rel
+    c_start = r_rowptr[c_rel] + (ids - first[c_rel]) * chunk
     c_end = torch.minimum(c_start + chunk, r_rowptr[c_rel + 1])
     c_start = torch.minimum(c_start, c_end)  # chunks past the last relation's end: empty
-    return c_rel, c_start, c_end
+    return c_rel, c_start, c_end, first, per_rel
 
 
 def rgat_backward(grad_y: Tensor, E: Tensor, P1: Tensor, P2: Tensor, rowptr: Tensor,
                   col: Tensor, rel: Tensor, t_rowptr: Tensor, t_edge: Tensor, row: Tensor,
                   r_rowptr: Tensor, r_edge: Tensor, y: Tensor, lse: Tensor, norm: Tensor,
                   mask: Tensor | None, normalize: bool, tails: str = "csr",
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dE, dP1, dP2)`` of :func:`rgat_forward` for the output gradient ``grad_y``."""
+                  deterministic: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dE, dP1, dP2)`` of :func:`rgat_forward` for the output gradient ``grad_y``.
+
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``): ``dP1`` /
+    ``dP2`` from per-chunk partial sums added in chunk order by a second kernel, instead of one
+    atomic add per chunk; needs ``tails="csr"``. Either way ``dE`` has no atomics on that route.
+    """
     if tails not in ("csr", "atomic"):
         raise ValueError(f"tails must be 'csr' or 'atomic', got {tails!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic and tails == "atomic":
+        raise RuntimeError("rgat_backward: tails='atomic' adds the tail gradients in no fixed "
+                           "order; deterministic algorithms need tails='csr'")
     n, d = E.shape
     acc = _acc_dtype(E)
     nnz = col.numel()
-    dE = (torch.zeros if tails == "atomic" else torch.empty)((n, d), dtype=acc, device=E.device)
-    dP1 = torch.zeros(P1.shape, dtype=acc, device=E.device)
-    dP2 = torch.zeros(P2.shape, dtype=acc, device=E.device)
+    dev = E.device
+    dE = (torch.zeros if tails == "atomic" else torch.empty)((n, d), dtype=acc, device=dev)
+    dP1 = torch.zeros(P1.shape, dtype=acc, device=dev)
+    dP2 = torch.zeros(P2.shape, dtype=acc, device=dev)
     if n == 0:
         return dE.to(E.dtype), dP1.to(P1.dtype), dP2.to(P2.dtype)
     block_e, block_d = block_sizes(d)
     align = width_align(d, E.dtype)
     is_f64 = acc == torch.float64
-    G = torch.empty((n, d), dtype=acc, device=E.device)
-    a_buf = torch.empty(nnz, dtype=acc, device=E.device)
-    ds_buf = torch.empty(nnz, dtype=acc, device=E.device)
-    _rgat_backward_rows_kernel[(n,)](
-        grad_y, E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm,
-        G, dE, a_buf, ds_buf, d // align,
-        HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=is_f64,
-        TAIL_ATOMIC=tails == "atomic", BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
-    if tails == "csr":
-        _rgat_backward_tails_kernel[(n,)](
-            G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d // align,
-            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
-    if nnz:
-        c_rel, c_start, c_end = _chunk_table(r_rowptr, nnz, REL_CHUNK)
-        _rgat_backward_rel_kernel[(c_rel.numel(),)](
-            E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, dP1, dP2, d // align,
-            IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
+    G = torch.empty((n, d), dtype=acc, device=dev)
+    a_buf = torch.empty(nnz, dtype=acc, device=dev)
+    ds_buf = torch.empty(nnz, dtype=acc, device=dev)
+    with on_device(E):
+        _rgat_backward_rows_kernel[(n,)](
+            grad_y, E, P1, P2, rowptr, col, rel, mask if mask is not None else E, y, lse, norm,
+            G, dE, a_buf, ds_buf, d // align,
+            HAS_MASK=mask is not None, NORMALIZE=normalize, IS_F64=is_f64,
+            TAIL_ATOMIC=tails == "atomic", BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
+        if tails == "csr":
+            _rgat_backward_tails_kernel[(n,)](
+                G, P2, rel, row, t_rowptr, t_edge, a_buf, ds_buf, dE, d // align,
+                IS_F64=is_f64, BLOCK_E=block_e, BLOCK_D=block_d, ALIGN=align)
+        if nnz:
+            c_rel, c_start, c_end, r_first, r_count = _chunk_table(r_rowptr, nnz, REL_CHUNK)
+            n_chunks = c_rel.numel()
+            # Deterministic: (chunks, d) partials; ~nnz / 256 rows, under 1% of the edge data.
+            part1, part2 = ((torch.empty((n_chunks, d), dtype=acc, device=dev)
+                             for _ in range(2)) if deterministic else (dP1, dP2))
+            _rgat_backward_rel_kernel[(n_chunks,)](
+                E, col, row, r_edge, c_rel, c_start, c_end, ds_buf, part1, part2, d // align,
+                IS_F64=is_f64, PARTIAL=deterministic, BLOCK_E=block_e, BLOCK_D=block_d,
+                ALIGN=align)
+            if deterministic and P1.shape[0]:
+                _rgat_rel_sum_kernel[(P1.shape[0],)](
+                    part1, part2, r_first, r_count, dP1, dP2, d // align, IS_F64=is_f64,
+                    BLOCK_C=block_e, BLOCK_D=block_d, ALIGN=align)
     return dE.to(E.dtype), dP1.to(P1.dtype), dP2.to(P2.dtype)

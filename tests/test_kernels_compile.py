@@ -147,9 +147,16 @@ def _attention_configs():
                 yield (f"backward_tails {tag}", K._rgat_backward_tails_kernel,
                        _sig("G:a P2:e rel:i row:i t_rowptr:i t_edge:i a_buf:a ds_buf:a dE:a "
                             "d_a:n", dt, acc), common, {}, SIZES)
-                yield (f"backward_rel {tag}", K._rgat_backward_rel_kernel,
-                       _sig("E:e col:i row:i r_edge:i c_rel:i c_start:i c_end:i ds_buf:a "
-                            "dP1:a dP2:a d_a:n", dt, acc), common, {}, SIZES)
+                for partial in (False, True):  # atomics / deterministic partial sums
+                    yield (f"backward_rel {tag} partial={partial}", K._rgat_backward_rel_kernel,
+                           _sig("E:e col:i row:i r_edge:i c_rel:i c_start:i c_end:i ds_buf:a "
+                                "dP1:a dP2:a d_a:n", dt, acc),
+                           {"PARTIAL": partial, **common}, {}, SIZES)
+                sum_args = {"IS_F64": f64, "BLOCK_C": block_e, "BLOCK_D": block_d,
+                            "ALIGN": align}
+                yield (f"backward_rel_sum {tag}", K._rgat_rel_sum_kernel,
+                       _sig("part1:a part2:a r_first:i r_count:i dP1:a dP2:a d_a:n", dt, acc),
+                       sum_args, {}, SIZES)
 
 
 def _compile(name, fn, signature, constexprs, options, unmarked, arch

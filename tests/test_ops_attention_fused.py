@@ -188,7 +188,7 @@ def test_bad_graph_is_an_error_not_a_crash():
 kernels = pytest.importorskip("diffkg_fast.kernels.attention")
 
 
-def _triton_grads(E, Rel, W, g, gy, p=0.0, normalize=True, tails="csr"):
+def _triton_grads(E, Rel, W, g, gy, p=0.0, normalize=True, tails="csr", deterministic=None):
     """The Triton launchers called directly (CPU tensors work under TRITON_INTERPRET=1)."""
     d = E.shape[1]
     p1, p2 = Rel @ W[:d].T, Rel @ W[d:].T
@@ -197,7 +197,7 @@ def _triton_grads(E, Rel, W, g, gy, p=0.0, normalize=True, tails="csr"):
     gt = fused.graph_tensors(g)
     y, lse, norm = kernels.rgat_forward(E, p1, p2, *gt[:3], mask, normalize)
     dE, dP1, dP2 = kernels.rgat_backward(gy, E, p1, p2, *gt, y, lse, norm, mask, normalize,
-                                         tails=tails)
+                                         tails=tails, deterministic=deterministic)
     # P1 = Rel W1^T, P2 = Rel W2^T: the chain rule the op leaves to autograd.
     dRel = dP1 @ W[:d] + dP2 @ W[d:]
     dW = torch.cat([dP1.T @ Rel, dP2.T @ Rel])
@@ -265,12 +265,113 @@ def test_triton_interpreter_empty_graph_and_chunks():
         assert_close(a, b, rtol=1e-12, atol=1e-12)
     # The relation chunk table covers every edge exactly once.
     r_rowptr = torch.tensor([0, 0, 700, 701, 1300])
-    c_rel, c_start, c_end = kernels._chunk_table(r_rowptr, 1300, 256)
+    c_rel, c_start, c_end, first, count = kernels._chunk_table(r_rowptr, 1300, 256)
     covered = torch.zeros(1300, dtype=torch.int64)
     for r, s, e in zip(c_rel.tolist(), c_start.tolist(), c_end.tolist(), strict=True):
         assert r_rowptr[r] <= s <= e <= r_rowptr[r + 1]
         covered[s:e] += 1
     assert torch.equal(covered, torch.ones(1300, dtype=torch.int64))
+    # Each relation's chunks, as the deterministic sum reads them: first .. first + count - 1.
+    assert count.tolist() == [0, 3, 1, 3] and first.tolist() == [0, 0, 3, 4]
+    for r in range(4):
+        assert (c_rel[first[r]:first[r] + count[r]] == r).all()
+
+
+class _Spy:
+    """A kernel's launches counted (``kernel[grid](...)`` passes through)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_interpreter_deterministic_relation_sums(monkeypatch, dtype):
+    # Relations of 2 chunks of 256 edges and an empty one: the partial sums added in chunk
+    # order give the reference's dRel / dW, and the atomics' result to rounding.
+    g = make_graph(97, 3, 1400, seed=11)
+    E, Rel, W = tables(g, 6, dtype=torch.float64, seed=11)
+    n_rel = g.n_relations  # with the inverse relations; one more without edges
+    Rel = torch.cat([Rel, torch.randn(1, 6, dtype=torch.float64)])
+    g = type(g)(g.rowptr, g.col, g.rel, g.n_entities, n_rel + 1)
+    E, Rel, W = (t.to(dtype) for t in (E, Rel, W))
+    gy = torch.randn(g.n_entities, 6, dtype=torch.float64).to(dtype)
+    assert (torch.bincount(g.rel, minlength=n_rel)[:n_rel] > kernels.REL_CHUNK).all()
+    spy = _Spy(kernels._rgat_rel_sum_kernel)
+    monkeypatch.setattr(kernels, "_rgat_rel_sum_kernel", spy)
+    ref = _reference_grads(E, Rel, W, g, gy)
+    tol = {"rtol": 1e-10, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 2e-5,
+                                                                         "atol": 2e-5}
+    det = _triton_grads(E, Rel, W, g, gy, deterministic=True)
+    assert spy.launches == 1
+    for a, b in zip(det, ref, strict=True):
+        assert_close(a, b, **tol)
+    assert not det[2][n_rel].any()  # the edgeless relation
+    for a, b in zip(_triton_grads(E, Rel, W, g, gy, deterministic=False), det, strict=True):
+        assert_close(a, b, **tol)
+    assert spy.launches == 1
+    # The default follows torch's switch; the atomic tail route has no deterministic form.
+    torch.use_deterministic_algorithms(True)
+    try:
+        _triton_grads(E, Rel, W, g, gy)
+        assert spy.launches == 2
+        with pytest.raises(RuntimeError, match="deterministic algorithms need tails='csr'"):
+            _triton_grads(E, Rel, W, g, gy, tails="atomic")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _wrapper_args(g, d=5):
+    E, Rel, W = tables(g, d, dtype=torch.float64, seed=2)
+    return E, Rel @ W[:d].T, Rel @ W[d:].T, list(fused.graph_tensors(g))
+
+
+@needs_interpreter
+def test_triton_wrapper_checks_what_the_cpu_kernel_checks(monkeypatch):
+    # The kernels index E and P1 by the graph's values unchecked: on a GPU a bad one is an
+    # illegal address. The registered CUDA wrapper (run here on CPU tensors) checks first.
+    g = make_graph(23, 3, 40, seed=4)
+    E, p1, p2, graph = _wrapper_args(g)
+    ref = fused._triton_forward(E, p1, p2, *graph, None, True)
+    n, n_rel, nnz = g.n_entities, g.n_relations, graph[1].numel()
+    for i, (name, value, match) in enumerate([
+            ("rowptr", nnz + 1, "rowptr must run from 0 to nnz"),
+            ("col", n, rf"col .* \[0, {n}\)"), ("rel", n_rel, rf"rel .* \[0, {n_rel}\)"),
+            ("t_rowptr", -1, "t_rowptr must run"), ("t_edge", nnz, rf"t_edge .* \[0, {nnz}\)"),
+            ("row", -1, rf"row .* \[0, {n}\)"), ("r_rowptr", nnz - 1, "r_rowptr must run"),
+            ("r_edge", nnz, rf"r_edge .* \[0, {nnz}\)")]):
+        bad = list(graph)
+        bad[i] = graph[i].clone()
+        bad[i][-1 if "rowptr" in name else 3] = value
+        with pytest.raises(RuntimeError, match=f"rgat_forward: {match}"):
+            fused._triton_forward(E, p1, p2, *bad, None, True)
+    with pytest.raises(RuntimeError, match=r"P1 must be \(R, 5\)"):
+        fused._triton_forward(E, p1[:, :4], p2, *graph, None, True)
+    with pytest.raises(RuntimeError, match=f"rel must be int64 of length {nnz - 1}"):
+        fused._triton_forward(E, p1, p2, graph[0], graph[1][:-1], *graph[2:], None, True)
+    with pytest.raises(RuntimeError, match=r"mask must be torch\.float64 of shape \(23, 5\)"):
+        fused._triton_forward(E, p1, p2, *graph, E[:, :4], True)
+    y, lse, norm = ref
+    with pytest.raises(RuntimeError, match=r"rgat_backward: lse must be torch\.float64"):
+        fused._triton_backward(E, E, p1, p2, *graph, y, lse.float(), norm, None, True)
+    # A strided graph tensor is read as the values it holds, not as if its stride were 1.
+    strided = list(graph)
+    strided[1] = torch.stack([graph[1], torch.full_like(graph[1], 10**9)], 1)[:, 0]
+    assert torch.equal(fused._triton_forward(E, p1, p2, *strided, None, True)[0], ref[0])
+    # The value checks (one device sync) run once per graph, again after an in-place change
+    # (or another graph tensor: the strided call above).
+    fused._triton_forward(E, p1, p2, *graph, None, True)
+    calls = []
+    monkeypatch.setattr(fused, "_check_graph_values", lambda *a: calls.append(a[0]))
+    fused._triton_forward(E, p1, p2, *graph, None, True)
+    assert calls == []
+    graph[2][0] = 0
+    fused._triton_forward(E, p1, p2, *graph, None, True)
+    assert calls == ["rgat_forward"]
 
 
 # ------------------------------------------------------------- Triton kernels, compiled (GPU)
@@ -314,6 +415,23 @@ def test_triton_gpu_low_precision_tolerance_rule(dtype):
     base = _error_vs_float64(lambda *a: _reference_grads(*a), E, Rel, W, g, gy, dtype)
     for k, b, v in zip(kern, base, _reference_grads(E, Rel, W, g, gy), strict=True):
         assert k == k and k <= 2 * b + 1e-5 * v.abs().max().item(), (k, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_triton_gpu_deterministic_backward_and_bad_graph():
+    g = make_graph(3001, 7, 30000, seed=5).to("cuda")
+    E, Rel, W = (t.cuda() for t in tables(g, 64, dtype=torch.float32, seed=5))
+    gy = torch.randn(g.n_entities, 64, device="cuda")
+    first = _triton_grads(E, Rel, W, g, gy, deterministic=True)
+    for _ in range(3):  # programs finish in another order each run: the sums must not care
+        for a, b in zip(_triton_grads(E, Rel, W, g, gy, deterministic=True), first, strict=True):
+            assert torch.equal(a, b)
+    E, p1, p2, graph = _wrapper_args(make_graph(23, 3, 40, seed=4).to("cuda"))
+    graph[1] = graph[1].clone()
+    graph[1][3] = 23  # n_entities
+    with pytest.raises(RuntimeError, match=r"col holds an index outside \[0, 23\)"):
+        torch.ops.diffkg_fast.rgat_forward(E.cuda(), p1.cuda(), p2.cuda(), *graph, None, True)
 
 
 @pytest.mark.gpu

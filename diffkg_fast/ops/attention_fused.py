@@ -26,6 +26,7 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from diffkg_fast.ops._extension import extension_available, load_extension
 from diffkg_fast.ops.attention import _rgat_aggregate_reference, dropout_mask
@@ -86,25 +87,99 @@ def _backward_forward(ctx, grad_y: Tensor, _grad_lse, _grad_norm):
     return (dE, dP1, dP2) + (None,) * _N_GRAPH + (None, None)
 
 
+_GRAPH_NAMES = ("rowptr", "col", "rel", "t_rowptr", "t_edge", "row", "r_rowptr", "r_edge")
+# rowptr -> (n, R, ids and versions of the eight graph tensors) last validated: the value checks
+# cost a device-to-host sync, paid once per graph (DiffKG rebuilds its KG once an epoch).
+_VALIDATED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _check_triton_args(op: str, E: Tensor, P1: Tensor, P2: Tensor, graph: tuple[Tensor, ...],
+                       floats: dict[str, tuple[Tensor | None, tuple[int, ...], torch.dtype]],
+                       ) -> tuple[Tensor, ...]:
+    """The CPU kernel's checks (``check_args`` of csrc/cpu/attention_cpu.cpp) for the Triton
+    path, whose kernels index ``E`` and ``P1`` by the graph's values unchecked: a bad index
+    there is an illegal address that poisons the CUDA context, or silent garbage. Shapes,
+    dtypes and devices at every call (no sync); the graph's values once per graph. Returns the
+    graph tensors contiguous (the kernels assume stride 1)."""
+    if E.dim() != 2 or not E.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: E must be a 2-D float tensor, got {E.dtype} of shape "
+                           f"{tuple(E.shape)}")
+    (n, d), dev = E.shape, E.device
+    if P1.dim() != 2 or P1.shape[1] != d:
+        raise RuntimeError(f"{op}: P1 must be (R, {d}), got shape {tuple(P1.shape)}")
+    n_rel = P1.shape[0]
+    for name, (t, shape, dtype) in {"P1": (P1, (n_rel, d), E.dtype),
+                                    "P2": (P2, (n_rel, d), E.dtype), **floats}.items():
+        if t is not None and (t.device != dev or tuple(t.shape) != shape or t.dtype != dtype):
+            raise RuntimeError(f"{op}: {name} must be {dtype} of shape {shape} on {dev}, got "
+                               f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    nnz = graph[1].numel()
+    lengths = (n + 1, nnz, nnz, n + 1, nnz, nnz, n_rel + 1, nnz)
+    for name, t, length in zip(_GRAPH_NAMES, graph, lengths, strict=True):
+        if t.device != dev or t.dtype != torch.int64 or t.dim() != 1 or t.numel() != length:
+            raise RuntimeError(f"{op}: {name} must be int64 of length {length} on {dev} (n = "
+                               f"{n}, R = {n_rel}, nnz = col.numel() = {nnz}), got {t.dtype} "
+                               f"of shape {tuple(t.shape)} on {t.device}")
+    graph = tuple(t.contiguous() for t in graph)
+    stamp = (n, n_rel, tuple(id(t) for t in graph), tuple(t._version for t in graph))
+    if _VALIDATED.get(graph[0]) != stamp:
+        _check_graph_values(op, graph, n, n_rel, nnz)
+        _VALIDATED[graph[0]] = stamp
+    return graph
+
+
+def _check_graph_values(op: str, graph: tuple[Tensor, ...], n: int, n_rel: int,
+                        nnz: int) -> None:
+    rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr, r_edge = graph
+
+    def offsets_bad(p: Tensor) -> Tensor:  # CSR offsets: from 0 to nnz, non-decreasing
+        return (p[0] != 0) | (p[-1] != nnz) | (p.diff() < 0).any()
+
+    def outside(t: Tensor, hi: int) -> Tensor:
+        return ((t < 0) | (t >= hi)).any()
+
+    checks = {
+        "rowptr must run from 0 to nnz and be non-decreasing": offsets_bad(rowptr),
+        "t_rowptr must run from 0 to nnz and be non-decreasing": offsets_bad(t_rowptr),
+        "r_rowptr must run from 0 to nnz and be non-decreasing": offsets_bad(r_rowptr),
+        f"col holds an index outside [0, {n})": outside(col, n),
+        f"row holds an index outside [0, {n})": outside(row, n),
+        f"rel holds an index outside [0, {n_rel})": outside(rel, n_rel),
+        f"t_edge holds an index outside [0, {nnz})": outside(t_edge, nnz),
+        f"r_edge holds an index outside [0, {nnz})": outside(r_edge, nnz),
+    }
+    bad = torch.stack(list(checks.values())).tolist()  # one device-to-host sync
+    for what, flag in zip(checks, bad, strict=True):
+        if flag:
+            raise RuntimeError(f"{op}: {what}")
+
+
 def _triton_forward(E, P1, P2, rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr, r_edge, mask,
                     normalize):
     from diffkg_fast.kernels.attention import rgat_forward
 
-    # Triton launches on the current device: make it the tensors' one (multi-GPU hosts).
-    with torch.cuda.device(E.device):
-        return rgat_forward(E.contiguous(), P1.contiguous(), P2.contiguous(), rowptr, col, rel,
-                            None if mask is None else mask.contiguous(), normalize)
+    n, d = E.shape
+    graph = _check_triton_args("rgat_forward", E, P1, P2, (
+        rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr, r_edge),
+        {"mask": (mask, (n, d), E.dtype)})
+    return rgat_forward(E.contiguous(), P1.contiguous(), P2.contiguous(), *graph[:3],
+                        None if mask is None else mask.contiguous(), normalize)
 
 
 def _triton_backward(grad_y, E, P1, P2, rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr,
                      r_edge, y, lse, norm, mask, normalize):
     from diffkg_fast.kernels.attention import rgat_backward
 
-    with torch.cuda.device(E.device):
-        return rgat_backward(grad_y.contiguous(), E.contiguous(), P1.contiguous(),
-                             P2.contiguous(), rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr,
-                             r_edge, y, lse, norm, None if mask is None else mask.contiguous(),
-                             normalize)
+    n, d = E.shape
+    acc = _acc_dtype(E)
+    graph = _check_triton_args("rgat_backward", E, P1, P2, (
+        rowptr, col, rel, t_rowptr, t_edge, row, r_rowptr, r_edge),
+        {"grad_y": (grad_y, (n, d), E.dtype), "y": (y, (n, d), E.dtype),
+         "lse": (lse, (n,), acc), "norm": (norm, (n,), acc), "mask": (mask, (n, d), E.dtype)})
+    return rgat_backward(grad_y.contiguous(), E.contiguous(), P1.contiguous(),
+                         P2.contiguous(), *graph, y.contiguous(), lse.contiguous(),
+                         norm.contiguous(), None if mask is None else mask.contiguous(),
+                         normalize)
 
 
 def _has_triton() -> bool:
