@@ -16,7 +16,9 @@ d = 64. Groups ``rgat-<shape>-<pass>``, ``pass`` one of ``fwd`` (forward, no gra
   (skipped when torch_geometric is not installed: ``pip install -e '.[bench]'``);
 - ``cpu_kernel`` (CPU): the C++ kernels of csrc/cpu/attention_cpu.cpp through the op;
 - ``triton`` (CUDA): the Triton kernels of kernels/attention.py through the op, tails through the
-  transposed CSR; ``triton_atomic``: the same with atomics for the tail gradients.
+  transposed CSR; ``triton_atomic``: the same with atomics for the tail gradients;
+  ``triton_deterministic`` (backward passes): the relation gradients from chunk partial sums
+  added in order, what ``torch.use_deterministic_algorithms(True)`` runs.
 
 ``extra_info``: ``bytes`` = the compulsory bytes of the pass (E and the output once, the CSR
 once: forward; grad, E, y, the head and transposed CSR, dE: backward), so GB/s = bytes / time;
@@ -42,7 +44,7 @@ D = 64
 PASSES = ("fwd", "bwd", "fwdbwd")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-PROVIDERS = (("reference", "pyg", "triton", "triton_atomic") if CUDA
+PROVIDERS = (("reference", "pyg", "triton", "triton_atomic", "triton_deterministic") if CUDA
              else ("reference", "pyg", "cpu_kernel"))
 
 
@@ -71,12 +73,13 @@ def _layer(provider: str, monkeypatch: pytest.MonkeyPatch):
     if provider == "pyg":
         pytest.importorskip("torch_geometric")
         return pyg_rgat
-    if provider == "triton_atomic":
+    if provider in ("triton_atomic", "triton_deterministic"):
         from diffkg_fast.kernels import attention as kernels
 
         # The op's CUDA backward looks kernels.rgat_backward up at each call (default "csr").
+        kw = {"tails": "atomic"} if provider == "triton_atomic" else {"deterministic": True}
         monkeypatch.setattr(kernels, "rgat_backward",
-                            functools.partial(kernels.rgat_backward, tails="atomic"))
+                            functools.partial(kernels.rgat_backward, **kw))
     backend = {"reference": "reference", "cpu_kernel": "cpu"}.get(provider, "triton")
     return functools.partial(rgat_aggregate, backend=backend)
 
@@ -98,6 +101,8 @@ def _bytes(kg: KGCSR, pass_: str) -> int:
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_rgat(benchmark, monkeypatch, shape: str, pass_: str, provider: str) -> None:
+    if provider == "triton_deterministic" and pass_ == "fwd":
+        pytest.skip("the forward has no deterministic variant: it is the triton row")
     ensure_ops()  # the one-time build of the extension is not timed
     layer = _layer(provider, monkeypatch)
     kg = kg_graph(shape)
