@@ -117,11 +117,18 @@ def _op_args(g, d, dtype, mask: bool):
     return (E, p1, p2, *fused.graph_tensors(g), m, True)
 
 
+# The CUDA key's kernels are the Triton ones (registered by ensure_ops).
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask", [False, True])
-def test_opcheck(mask):
+def test_opcheck(mask, device):
     fused.ensure_ops()
-    g = make_graph(23, 3, 40, seed=4)
-    args = _op_args(g, 8, torch.float64, mask)
+    g = make_graph(23, 3, 40, seed=4).to(device)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a
+            for a in _op_args(g, 8, torch.float64, mask)]
     args = (args[0].requires_grad_(), args[1].requires_grad_(), args[2].requires_grad_(),
             *args[3:])
     torch.library.opcheck(torch.ops.diffkg_fast.rgat_forward.default, args)
@@ -131,12 +138,14 @@ def test_opcheck(mask):
     torch.library.opcheck(torch.ops.diffkg_fast.rgat_backward.default, bwd)
 
 
-def test_inside_torch_compile():
-    g = make_graph(29, 3, 50, seed=6)
-    E, Rel, W = tables(g, 16, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_inside_torch_compile(device):
+    g = make_graph(29, 3, 50, seed=6).to(device)
+    E, Rel, W = (t.to(device) for t in tables(g, 16, dtype=torch.float32))
+    backend = "cpu" if device == "cpu" else "triton"
 
     def layer(E, Rel, W):
-        return rgat_forward(E, Rel, W, g, 2, 0.5, backend="cpu")
+        return rgat_forward(E, Rel, W, g, 2, 0.5, backend=backend)
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     args = [t.clone().requires_grad_() for t in (E, Rel, W)]
@@ -432,6 +441,24 @@ def test_triton_gpu_deterministic_backward_and_bad_graph():
     graph[1][3] = 23  # n_entities
     with pytest.raises(RuntimeError, match=r"col holds an index outside \[0, 23\)"):
         torch.ops.diffkg_fast.rgat_forward(E.cuda(), p1.cuda(), p2.cuda(), *graph, None, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_triton_gpu_on_a_side_stream():
+    # Triton launches on the current stream: work queued on a side stream must see its inputs
+    # and give the default stream's result.
+    g = make_graph(301, 7, 3000, seed=2).to("cuda")
+    E, Rel, W = (t.cuda() for t in tables(g, 64, dtype=torch.float32, seed=2))
+    gy = torch.randn(g.n_entities, 64, device="cuda")
+    ref = _fused_grads(E, Rel, W, g, gy, "triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = _fused_grads(E, Rel, W, g, gy, "triton")
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(out, ref, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

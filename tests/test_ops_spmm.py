@@ -18,6 +18,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops import spmm as spmm_mod
+from diffkg_fast.ops._extension import cuda_kernels_registered
 from diffkg_fast.ops.graph import is_symmetric, norm_adjacency, torch_csr
 from diffkg_fast.ops.propagation import lightgcn_propagate
 from diffkg_fast.ops.spmm import csr_parts, csr_spmm, csr_transpose, ensure_ops
@@ -164,24 +165,38 @@ def test_propagate_val_gradient_is_an_error():
         out.sum().backward()
 
 
-def test_opcheck():
+def _on(device: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    if device == "cuda" and not cuda_kernels_registered():
+        pytest.skip("the extension was built without csrc/cuda (no CUDA kernel registered)")
+    return [t.to(device) for t in tensors]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     m = power_law(30, 30, 150, seed=6) * 0.3
-    rowptr, col, val = csr_parts(torch_csr(m, dtype=torch.float32))
-    x = torch.randn(30, 5, requires_grad=True)
+    rowptr, col, val, x = _on(device, *csr_parts(torch_csr(m, dtype=torch.float32)),
+                              torch.randn(30, 5))
+    x.requires_grad_()
     torch.library.opcheck(ops.csr_spmm.default, (rowptr, col, val, x))
     torch.library.opcheck(ops.csr_propagate.default, (rowptr, col, val, x, 2))
-    rect = csr_parts(torch_csr(power_law(12, 30, 60, seed=7), dtype=torch.float64))
+    rect = _on(device, *csr_parts(torch_csr(power_law(12, 30, 60, seed=7), dtype=torch.float64)))
     torch.library.opcheck(ops.csr_spmm.default, (*rect, x.detach().double()))
 
 
-def test_torch_compile():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
     m = power_law(50, 50, 300, seed=8) * 0.3  # not symmetric: the compiled backward transposes
-    rowptr, col, val = csr_parts(torch_csr(m, dtype=torch.float32))
+    rowptr, col, val, x = _on(device, *csr_parts(torch_csr(m, dtype=torch.float32)),
+                              torch.randn(50, 4))
+    x.requires_grad_()
 
     def f(t):
         return ops.csr_propagate(rowptr, col, val, t, 2).square().sum()
 
-    x = torch.randn(50, 4, requires_grad=True)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     gc, = torch.autograd.grad(compiled(x), x)
     ge, = torch.autograd.grad(f(x), x)
@@ -250,4 +265,20 @@ def test_forced_cuda_without_cuda_kernels_says_how_to_build():
         with pytest.raises(RuntimeError, match=rf"backend 'cuda' of op '{op}'.*no CUDA kernels"
                            r".*nvcc.*backend='reference'"):
             call()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_on_a_side_stream():
+    # The kernels launch on torch's current stream: queued on a side stream, the same result.
+    m = power_law(3000, 3000, 40000, seed=12) * 0.1
+    rowptr, col, val, x = _on("cuda", *csr_parts(torch_csr(m, dtype=torch.float32)),
+                              torch.randn(3000, 64))
+    ref = ops.csr_propagate(rowptr, col, val, x, 2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = ops.csr_propagate(rowptr, col, val, x, 2)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, ref)
 
