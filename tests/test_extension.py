@@ -25,9 +25,12 @@ def test_toolchain_error_says_what_to_install(monkeypatch):
 
 def test_stale_build_lock_is_removed(monkeypatch, tmp_path, capsys):
     # torch's loader waits without a limit while its lock file exists; a killed build leaves it.
-    monkeypatch.setattr(ext, "_build_dir", lambda: tmp_path)
-    lock = tmp_path / "lock"
+    monkeypatch.setattr(ext, "_build_dir", lambda name: tmp_path / name)
+    (tmp_path / ext._JIT_NAME).mkdir()
+    lock = tmp_path / ext._JIT_NAME / "lock"
     lock.touch()
+    ext._clear_stale_lock(ext._JIT_CUDA_NAME)  # the other build's folder: nothing there
+    assert lock.exists() and capsys.readouterr().err == ""
     ext._clear_stale_lock()  # fresh: another build may own it; left alone, and said so
     assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
     old = time.time() - ext._STALE_LOCK_S - 60
@@ -121,7 +124,6 @@ def jit_calls(monkeypatch):
     """``_jit_build`` with a CUDA torch and nvcc, its loads recorded instead of compiled."""
     monkeypatch.setattr(ext, "_STATE", {})
     monkeypatch.setattr(ext, "_check_toolchain", lambda: None)
-    monkeypatch.setattr(ext, "_clear_stale_lock", lambda: None)
     monkeypatch.setattr(ext, "_jit_cuda", lambda: True)
     calls: list[bool] = []
     return calls
@@ -171,9 +173,10 @@ def test_jit_load_names_the_archs_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(ext, "_registered", lambda: True)
     monkeypatch.setattr(ext, "cuda_kernels_registered", lambda: True)
     monkeypatch.setattr(ext, "_build_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(ext, "_clear_stale_lock", lambda name: seen.update(lock=name))
     ext._jit_load(ext.source_dir(), True, False)
     assert seen["archs"] == ext._DEFAULT_CUDA_ARCHS and "TORCH_CUDA_ARCH_LIST" not in os.environ
-    assert seen["name"] == ext._JIT_CUDA_NAME and seen["with_cuda"]
+    assert seen["name"] == seen["lock"] == ext._JIT_CUDA_NAME and seen["with_cuda"]
     assert any(s.endswith("cuda/spmm_cuda.cu") for s in seen["sources"])
     monkeypatch.setattr(ext, "cuda_kernels_registered", lambda: False)
     with pytest.raises(RuntimeError, match="registered no CUDA kernel"):

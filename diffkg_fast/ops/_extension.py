@@ -228,8 +228,8 @@ def _up_to_date(src: Path, with_cuda: bool = False) -> bool:
 _STALE_LOCK_S = 600.0
 
 
-def _clear_stale_lock() -> None:
-    d = _build_dir()
+def _clear_stale_lock(name: str = _JIT_NAME) -> None:
+    d = _build_dir(name)
     if d is None:
         return
     lock = d / "lock"
@@ -249,7 +249,6 @@ def _clear_stale_lock() -> None:
 def _jit_build(verbose: bool) -> None:
     _check_toolchain()
     src = source_dir()
-    _clear_stale_lock()
     if _jit_cuda() and all((src / s).is_file() for s in _CUDA_SOURCES):
         try:
             _jit_load(src, True, verbose)
@@ -268,6 +267,7 @@ def _jit_load(src: Path, with_cuda: bool, verbose: bool) -> None:
     from torch.utils.cpp_extension import load
 
     name, what = (_JIT_CUDA_NAME, "CPU + CUDA") if with_cuda else (_JIT_NAME, "CPU")
+    _clear_stale_lock(name)
     if verbose or not _up_to_date(src, with_cuda):
         print(f"building the diffkg_fast {what} extension (once, "
               f"{'~2-4 min' if with_cuda else '~30-60 s'}; cached in "
