@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.cpp_extension import is_ninja_available
 
+from diffkg_fast.ops import _extension as ext
 from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops import spmm as spmm_mod
 from diffkg_fast.ops._extension import cuda_kernels_registered
@@ -254,12 +255,13 @@ class _OnCuda(torch.Tensor):
         return True
 
 
-def test_forced_cuda_without_cuda_kernels_says_how_to_build():
-    # This CPU build of the extension has no CUDA kernels: forcing them must say so and how to
-    # get them, not end in the dispatcher's "Could not run ... 'CUDA' backend".
+def test_forced_cuda_without_cuda_kernels_says_how_to_build(monkeypatch):
+    # An extension without CUDA kernels (a CPU build; patched where they are built, as in the
+    # device mirror): forcing them must say so and how to get them, not end in the
+    # dispatcher's "Could not run ... 'CUDA' backend".
     adj = norm_adjacency(train(6, 5, 2), 6, 5)
     x = torch.randn(11, 8).as_subclass(_OnCuda)
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("diffkg_fast::csr_spmm", "CUDA")
+    monkeypatch.setattr(ext, "cuda_kernels_registered", lambda: False)
     for call, op in ((lambda: spmm_mod._csr_spmm_kernel(adj, x), "csr_spmm"),
                      (lambda: spmm_mod._propagate_kernel(adj, x, 2), "lightgcn_propagate")):
         with pytest.raises(RuntimeError, match=rf"backend 'cuda' of op '{op}'.*no CUDA kernels"
