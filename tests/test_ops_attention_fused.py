@@ -385,14 +385,19 @@ def test_triton_wrapper_checks_what_the_cpu_kernel_checks(monkeypatch):
 
 # ------------------------------------------------------------- Triton kernels, compiled (GPU)
 
+def _cuda_problem(n_ent: int, n_tri: int, d: int, dtype: torch.dtype, seed: int):
+    """A graph, its tables and an output gradient on the GPU."""
+    g = make_graph(n_ent, 7, n_tri, seed=seed).to("cuda")
+    E, Rel, W = (t.cuda() for t in tables(g, d, dtype=dtype, seed=seed))
+    return g, E, Rel, W, torch.randn(g.n_entities, d, dtype=dtype, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("d", [33, 32, 64, 100])  # float64 alignments 1, 2, 2, 2
 @pytest.mark.parametrize("tails", ["csr", "atomic"])
 def test_triton_gpu_matches_reference(d, tails):
-    g = make_graph(301, 7, 3000, seed=d).to("cuda")
-    E, Rel, W = (t.cuda() for t in tables(g, d, dtype=torch.float64, seed=d))
-    gy = torch.randn(g.n_entities, d, dtype=torch.float64, device="cuda")
+    g, E, Rel, W, gy = _cuda_problem(301, 3000, d, torch.float64, seed=d)
     ref = _reference_grads(E, Rel, W, g, gy, **_kw(0.0, True))
     for a, b in zip(_triton_grads(E, Rel, W, g, gy, tails=tails), ref, strict=True):
         assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -417,9 +422,7 @@ def test_triton_gpu_float32_every_alignment(d):
 def test_triton_gpu_low_precision_tolerance_rule(dtype):
     """Error against the float64 reference at most twice that of the reference run in the same
     precision, plus 1e-5 of the largest value (float32 rounding noise)."""
-    g = make_graph(301, 7, 3000, seed=1).to("cuda")
-    E, Rel, W = (t.cuda() for t in tables(g, 64, dtype=torch.float64, seed=1))
-    gy = torch.randn(g.n_entities, 64, dtype=torch.float64, device="cuda")
+    g, E, Rel, W, gy = _cuda_problem(301, 3000, 64, torch.float64, seed=1)
     kern = _error_vs_float64(lambda *a: _fused_grads(*a, "triton"), E, Rel, W, g, gy, dtype)
     base = _error_vs_float64(lambda *a: _reference_grads(*a), E, Rel, W, g, gy, dtype)
     for k, b, v in zip(kern, base, _reference_grads(E, Rel, W, g, gy), strict=True):
@@ -429,9 +432,7 @@ def test_triton_gpu_low_precision_tolerance_rule(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_triton_gpu_deterministic_backward_and_bad_graph():
-    g = make_graph(3001, 7, 30000, seed=5).to("cuda")
-    E, Rel, W = (t.cuda() for t in tables(g, 64, dtype=torch.float32, seed=5))
-    gy = torch.randn(g.n_entities, 64, device="cuda")
+    g, E, Rel, W, gy = _cuda_problem(3001, 30000, 64, torch.float32, seed=5)
     first = _triton_grads(E, Rel, W, g, gy, deterministic=True)
     for _ in range(3):  # programs finish in another order each run: the sums must not care
         for a, b in zip(_triton_grads(E, Rel, W, g, gy, deterministic=True), first, strict=True):
@@ -448,9 +449,7 @@ def test_triton_gpu_deterministic_backward_and_bad_graph():
 def test_triton_gpu_on_a_side_stream():
     # Triton launches on the current stream: work queued on a side stream must see its inputs
     # and give the default stream's result.
-    g = make_graph(301, 7, 3000, seed=2).to("cuda")
-    E, Rel, W = (t.cuda() for t in tables(g, 64, dtype=torch.float32, seed=2))
-    gy = torch.randn(g.n_entities, 64, device="cuda")
+    g, E, Rel, W, gy = _cuda_problem(301, 3000, 64, torch.float32, seed=2)
     ref = _fused_grads(E, Rel, W, g, gy, "triton")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
