@@ -62,36 +62,30 @@ def test_logsumexp_mm(benchmark, provider: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _medication_step():
-    """The trainer's set-up for the medication preset on the default cohort, and one batch."""
+    """DiffKG with the medication preset on the default cohort, and one training batch."""
     from diffkg_fast.data.build import build_dataset
-    from diffkg_fast.model import DiffKG, DiffKGConfig
-    from diffkg_fast.model.presets import preset
-    from diffkg_fast.ops.graph import KGCSR, norm_adjacency
-    from diffkg_fast.train.trainer import _interactions, patient_codes, sample_negatives
+    from diffkg_fast.model import DiffKG
+    from diffkg_fast.train.config import resolve_config
+    from diffkg_fast.train.sampling import PairSampler
 
     ds = build_dataset("synthetic")
-    cfg = DiffKGConfig(**preset("medication"))
-    g = torch.Generator().manual_seed(0)
-    kg = KGCSR.from_kg(ds.kg, ds.n_entities, ds.n_relations).sample_neighbours(cfg.triplet_num, g)
-    model = DiffKG(ds.n_users, ds.n_items, ds.n_entities, kg.n_relations,
-                   norm_adjacency(ds.train, ds.n_users, ds.n_items), cfg, generator=g,
-                   codes=patient_codes(ds, cfg))
-    users, items, keys = _interactions(ds.train)
-    b = torch.randperm(users.numel(), generator=g)[:cfg.batch]
-    neg = sample_negatives(users[b], keys, ds.n_items, g)
-    return model, kg, (users[b], items[b], neg)
+    cfg = resolve_config(preset="medication")
+    model = DiffKG.from_dataset(ds, **cfg.model_options())
+    sampler = PairSampler(ds.train, cfg["batch"], seed=0)
+    batch = next(sampler.batches(sampler.negatives()))
+    return model, batch
 
 
 @pytest.mark.parametrize("provider", ["reference", "cpu_kernel"])
 def test_bpr_step(benchmark, request, provider: str) -> None:
     if provider == "reference":
         request.getfixturevalue("reference_ops")
-    model, kg, batch = _medication_step()
+    model, batch = _medication_step()
     model.train()
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss, _ = model.loss(*batch, kg, kg, torch.Generator().manual_seed(1))
+        loss, _ = model(batch)
         loss.backward()
 
     benchmark.group = "bpr_step-medication"

@@ -43,7 +43,7 @@ import pytest
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.medkg import build_medication_dataset
 from diffkg_fast.data.synthetic import synthetic_records_scaled
-from diffkg_fast.model import DiffKGConfig
+from diffkg_fast.train.config import RunConfig, make_config
 
 ALIBABA = {"n_users": 114_737, "n_items": 30_040, "n_entities": 89_196}
 COHORT = {"n_diag": 44_000, "n_proc": 15_156, "med_scale": 0.2485}  # over the "alibaba" preset
@@ -58,9 +58,11 @@ import json, sys, time
 t_start = time.perf_counter()
 import torch
 torch.set_num_threads(1)
+import diffkg_fast.train.sampling as sampling
 import diffkg_fast.train.trainer as tr
 from diffkg_fast.data.dataset import KGDataset
-from diffkg_fast.model import DiffKGConfig
+from diffkg_fast.model.diffkg import KGDiffusion
+from diffkg_fast.train.config import make_config
 
 
 def status_mb(key):
@@ -109,29 +111,29 @@ def wrap(owner, attr, before, after=None):
 
 
 evals = iter(["validation ranking (all users)", "test ranking (all users)"])
-wrap(tr, "sample_negatives", "negative sampling")
-wrap(tr._Diffusion, "train_pass", "diffusion training")
-wrap(tr._Diffusion, "rebuild", "rebuild", after="recommender steps")
-wrap(tr, "_evaluate", lambda: next(evals))
+wrap(sampling, "sample_negatives", "negative sampling", after="recommender steps")
+wrap(KGDiffusion, "train_pass", "diffusion training")
+wrap(KGDiffusion, "rebuild", "rebuild")
+wrap(tr, "evaluate_split", lambda: next(evals))
 
 mark("load dataset")
 ds = KGDataset.load(sys.argv[1])
 mark("train set-up (graphs, model, denoiser, optimisers)")
-cfg = DiffKGConfig(epoch=1)
+cfg = make_config(epoch=1)
 t0 = time.perf_counter()
 res = tr.train(ds, cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
                limit_batches=int(sys.argv[2]))
 train_s = time.perf_counter() - t0
 mark("end")
-den = res.extra["denoiser"]
+den = res.model.diffusion.denoiser
 print(json.dumps({
     "phases": phases,
     "can_reset_peak": can_reset,
     "train_s": train_s,
     "time": res.history[0]["time"],
-    "kg_edges": res.history[0]["kg_edges"],
+    "kg_edges": res.history[0]["info"]["kg_edges"],
     "val_users": res.val.get("n_users"),
-    "model_params": sum(p.numel() for p in res.model.parameters()),
+    "model_params": sum(p.numel() for p in res.model.encoder.parameters()),
     "denoiser_params": sum(p.numel() for p in den.parameters()),
     "torch": torch.__version__,
 }))
@@ -144,10 +146,10 @@ def alibaba_shaped(seed: int = 0) -> KGDataset:
     return build_medication_dataset(rec, seed=seed, name="alibaba-shaped", **KG_OPTIONS)
 
 
-def expected_sizes_mb(ds: KGDataset, cfg: DiffKGConfig, model_params: int,
+def expected_sizes_mb(ds: KGDataset, cfg: RunConfig, model_params: int,
                       denoiser_params: int) -> dict[str, float]:
     """Where the memory should go: the big tensors, computed from the shapes (float32)."""
-    B, E, U, n_i = cfg.batch, ds.n_entities, ds.n_users, ds.n_items
+    B, E, U, n_i = cfg["batch"], ds.n_entities, ds.n_users, ds.n_items
     f32 = 4 / MIB
     return {
         # [W_x | W_e] (hidden x (E + emb)) and W_out (E x hidden), plus biases.
@@ -162,7 +164,7 @@ def expected_sizes_mb(ds: KGDataset, cfg: DiffKGConfig, model_params: int,
         # a second copy of each.
         "infonce_logits_user_BxU": B * U * f32,
         "infonce_logits_item_BxI": B * n_i * f32,
-        "eval_scores_block_test_batch_x_I": cfg.test_batch * n_i * f32,
+        "eval_scores_block_test_batch_x_I": cfg["test_batch"] * n_i * f32,
         "kg_csr_with_inverses": 2 * ds.n_triplets * 3 * 8 / MIB,
         "public_code_dense_ExE_float64": E * E * 8 / MIB,
     }
@@ -211,7 +213,7 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path) -> None:
     phases = res["phases"]
     peak_mb = max(p["peak_mb"] for p in phases)
     top = max(phases, key=lambda p: p["peak_mb"])
-    cfg = DiffKGConfig(epoch=1)
+    cfg = make_config(epoch=1)
     expected = expected_sizes_mb(ds, cfg, res["model_params"], res["denoiser_params"])
     info = {
         "dataset": {"users": ds.n_users, "items": ds.n_items, "entities": ds.n_entities,
@@ -221,8 +223,8 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path) -> None:
         "dataset_build_s": round(build_s, 1),
         "dataset_save_s": round(save_s, 1),
         "limit_batches": LIMIT,
-        "limit_note": (f"diffusion and rebuild ran {LIMIT} of {-(-ds.n_entities // cfg.batch)} "
-                       f"batches, recommender {LIMIT} of {-(-ds.train.nnz // cfg.batch)} steps;"
+        "limit_note": (f"diffusion and rebuild ran {LIMIT} of {-(-ds.n_entities // cfg['batch'])} "
+                       f"batches, recommender {LIMIT} of {-(-ds.train.nnz // cfg['batch'])} steps;"
                        " validation and test ranking complete"),
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_gib": round(peak_mb / 1024, 3),

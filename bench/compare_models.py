@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from diffkg_fast.data.build import parse_sets
-from diffkg_fast.train.commands import load_data
-from diffkg_fast.train.config_io import resolve_config
-from diffkg_fast.train.trainer import train
+from diffkg_fast.data.open import open_dataset
+from diffkg_fast.train import train
+from diffkg_fast.train.config import config_defaults, resolve_config
 from diffkg_fast.utils.io import atomic_write
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -58,11 +58,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ds = load_data(args.data)
+    ds = open_dataset(args.data)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         for row in args.rows:
-            sets = {**parse_sets(args.set), **ROWS[row], "seed": seed}
+            # --set values reach the rows whose model takes them (ssl_reg: not LightGCN).
+            keys = config_defaults(ROWS[row].get("model", "diffkg"))
+            extra = {k: v for k, v in parse_sets(args.set).items() if k in keys}
+            sets = {**extra, **ROWS[row], "seed": seed}
             cfg = resolve_config(None, sets, None, preset=args.preset)
             t0 = time.perf_counter()
             res = train(ds, cfg, log=lambda _: None)

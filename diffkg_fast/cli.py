@@ -20,6 +20,9 @@ from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
+from diffkg_fast.train.presets import PRESETS
+
+_PRESET_NAMES = ", ".join(sorted(PRESETS))
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -69,7 +72,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return cmd_recommend(args)
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole parser; ``model_flags=False`` leaves out ``train``'s per-key flags (they need
+    the model registry, hence torch)."""
     parser = argparse.ArgumentParser(prog="diffkg-fast", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", required=True)
     data = top.add_parser("data", help="build, inspect and export datasets")
@@ -96,23 +101,27 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default: FILE's stem + _FORMAT)")
     e.set_defaults(func=_cmd_export)
 
-    t = top.add_parser("train", help="train a model (DiffKG, LightGCN, MostPop) on a dataset")
-    t.add_argument("--data", help="dataset .npz file, or 'synthetic' (the default) for the "
-                                  "built-in cohort; --resume defaults to the run's own")
+    t = top.add_parser("train", help="train a registered model on a dataset",
+                       description="Train a model, select its best epoch on validation, rank "
+                                   "the test split once. Every config key is also a flag of "
+                                   "its own name: --reg 1e-5 is --set reg=1e-5.")
+    t.add_argument("--data", help="'synthetic' (the default: the built-in cohort), a dataset "
+                                  ".npz, a DiffKG or KGAT dataset folder, or a DiffKG dataset "
+                                  "name under Datasets/; --resume defaults to the run's own")
     t.add_argument("--preset", metavar="NAME",
-                   help="named hyper-parameter set under the config file: diffkg (Params.py), "
-                        "lastfm, mind, alibaba, medication (default: medication for data with "
-                        "visits, diffkg otherwise)")
+                   help=f"named hyper-parameter set under the config file: {_PRESET_NAMES} "
+                        "(default: medication for data with visits, diffkg otherwise)")
     t.add_argument("--config", help="config values over the preset's: a .yaml/.yml file "
                                     "(YAML) or any other file (JSON)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config value over the file's, e.g. epoch=10, latdim=32, dims=[256], "
                         "model=lightgcn (repeatable)")
-    t.add_argument("--device", choices=("cpu", "cuda"), help="overrides the config's device")
-    t.add_argument("--out", help="run directory: checkpoint.pt, config.json, log.csv, "
+    t.add_argument("--device", help="cpu, cuda or cuda:N; overrides the config's device")
+    t.add_argument("--out", help="run folder: checkpoint.pt, config.json, log.csv, "
                                  "curves.png, data.json (rewritten after every epoch)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same config)")
+                   help="continue the run in --out from its last checkpoint, with its own "
+                        "config and data (a larger --epoch trains a finished run further)")
     t.add_argument("--tensorboard", action="store_true",
                    help="log losses, validation metrics and phase times to --out/tb "
                         "(needs: pip install 'diffkg-fast[viz]')")
@@ -121,18 +130,24 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true",
                    help="no per-epoch progress bar (it is never shown when stderr is not a "
                         "terminal)")
+    if model_flags:
+        # Imported here: the model registry pulls in torch, which the data commands never need.
+        from diffkg_fast.train.commands import add_model_flags
+        add_model_flags(t)
     t.set_defaults(func=_cmd_train)
 
     v = top.add_parser("evaluate", help="metrics of a run's best state")
-    v.add_argument("run_dir", metavar="DIR", help="run directory written by train --out")
+    v.add_argument("run_dir", metavar="DIR",
+                   help="run folder written by train --out (or its checkpoint.pt)")
     v.add_argument("--split", choices=("test", "valid"), default="test")
     v.add_argument("--format", choices=("table", "json", "csv"), default="table")
     v.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
-    v.add_argument("--device", choices=("cpu", "cuda"), help="overrides the run's device")
+    v.add_argument("--device", help="cpu, cuda or cuda:N; overrides the run's device")
     v.set_defaults(func=_cmd_evaluate)
 
     r = top.add_parser("recommend", help="top medications of a run for codes and/or a patient")
-    r.add_argument("run_dir", metavar="DIR", help="run directory written by train --out")
+    r.add_argument("run_dir", metavar="DIR",
+                   help="run folder written by train --out (or its checkpoint.pt)")
     r.add_argument("--diagnoses", metavar="CODES",
                    help="comma-separated ICD-9 diagnosis codes, plain (4019) or full "
                         "(ICD9DX:4019)")
@@ -144,13 +159,14 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=int, metavar="N", help="list length (default 10)")
     r.add_argument("--format", choices=("table", "json", "csv"), default="table")
     r.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
-    r.add_argument("--device", choices=("cpu", "cuda"), help="overrides the run's device")
+    r.add_argument("--device", help="cpu, cuda or cuda:N; overrides the run's device")
     r.set_defaults(func=_cmd_recommend)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = make_parser(model_flags=argv[:1] == ["train"]).parse_args(argv)
     try:
         return int(args.func(args))
     except DataError as exc:

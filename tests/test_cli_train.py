@@ -10,7 +10,7 @@ import pytest
 
 from diffkg_fast.cli import main
 from diffkg_fast.data.build import build_dataset
-from diffkg_fast.train.commands import resolve_config
+from diffkg_fast.train.config import resolve_config
 
 TINY = ["--set", "latdim=16", "--set", "dims=[32]", "--set", "epoch=2", "--set", "batch=256",
         "--set", "seed=1"]
@@ -94,9 +94,10 @@ def test_config_precedence_and_file_errors(tmp_path) -> None:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"latdim": 8, "epoch": 4, "dims": [16], "patience": None}))
     cfg = resolve_config(str(path), {"latdim": 32, "lr": 1}, "cpu")
-    assert (cfg.latdim, cfg.epoch, cfg.dims, cfg.lr, cfg.patience) == (32, 4, [16], 1.0, None)
-    assert isinstance(cfg.lr, float)
-    assert resolve_config(None, {"dims": 64}).dims == [64]
+    got = [cfg[k] for k in ("latdim", "epoch", "dims", "lr", "patience")]
+    assert got == [32, 4, [16], 1.0, None]
+    assert isinstance(cfg["lr"], float)
+    assert resolve_config(None, {"dims": 64})["dims"] == [64]
     path.write_text(json.dumps({"latdim": 8, "bogus": 1}))
     with pytest.raises(ValueError, match=r"cfg\.json, field 'bogus': unknown config key"):
         resolve_config(str(path))
@@ -124,3 +125,89 @@ def test_medication_data_defaults_to_the_medication_preset(data_file, tmp_path, 
                  "--set", "epoch=1", "--out", str(out2)]) == 0
     assert json.loads((out2 / "data.json").read_text())["preset"] == "mind"
     assert json.loads((out2 / "config.json").read_text())["ssl_reg"] == 1.0
+
+
+# --------------------------------------------------------------------- DiffKG's own flags
+# The published commands of HKUDS/DiffKG's README, after `python Main.py`.
+PUBLISHED = {
+    "lastfm": "--data lastfm --reg 1e-5 --mess_dropout_rate 0.2 --layer_num_kg 2 --res_lambda 0 "
+              "--triplet_num -1 --cl_pattern 1 --keepRate 0.1 --e_loss 0.01",
+    "mind": "--data mind --e_loss 0.1 --temp 1 --ssl_reg 1 --mess_dropout_rate 0.2 "
+            "--res_lambda 1",
+    "alibaba": "--data alibaba --reg 1e-6 --epoch 50 --ssl_reg 1 --temp 1",
+}
+SMALL = ["--latdim", "8", "--dims", "[16]", "--batch", "256", "--no-progress", "--no-plot"]
+
+
+@pytest.fixture(scope="module")
+def diffkg_datasets(data_file, tmp_path_factory):
+    """A DiffKG-layout dataset folder under Datasets/NAME for each published name."""
+    from diffkg_fast.data.dataset import KGDataset
+    from diffkg_fast.data.export import export_dataset
+
+    root = tmp_path_factory.mktemp("diffkg_clone")
+    ds = KGDataset.load(data_file)
+    for name in PUBLISHED:
+        export_dataset(ds, "diffkg", root / "Datasets" / name)
+    return root
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_diffkg_commands_run_with_only_the_entry_point_changed(
+        name, diffkg_datasets, tmp_path, monkeypatch, capsys) -> None:
+    from diffkg_fast.train.presets import PRESETS
+
+    monkeypatch.chdir(diffkg_datasets)  # DiffKG reads ./Datasets/NAME/, as Main.py does
+    out = tmp_path / "run"
+    argv = ["train", *PUBLISHED[name].split(), *SMALL, "--epoch", "1", "--out", str(out)]
+    if name == "alibaba":
+        argv.remove("--epoch")
+        argv.remove("50")  # 50 epochs of the published command: too long for a test
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    expect = {k: v for k, v in PRESETS[name].items() if k != "epoch"}
+    assert {k: saved[k] for k in expect} == expect
+    assert json.loads((out / "data.json").read_text())["data"].endswith(f"Datasets/{name}")
+
+
+def test_flags_equal_set_and_params_aliases(data_file, tmp_path, capsys) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--data", str(data_file), *SMALL, "--epoch", "1", "--tstBat", "64",
+                 "--tstEpoch", "2", "--keepRate", "0.3", "--norm", "false", "--out", str(a)]) == 0
+    assert main(["train", "--data", str(data_file), *SMALL, "--set", "epoch=1",
+                 "--set", "test_batch=64", "--set", "eval_every=2", "--set", "keepRate=0.3",
+                 "--set", "norm=false", "--out", str(b)]) == 0
+    capsys.readouterr()
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
+    assert ca == cb and ca["test_batch"] == 64 and ca["eval_every"] == 2 and ca["norm"] is False
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--set", "reg=1e-5", "--reg", "1e-6"], "field 'reg': given twice"),
+    (["--model", "lightgcn", "--keepRate", "0.2"], "field 'keepRate': unknown config key"),
+    (["--gpu", "0"], "CUDA is not available"),
+    (["--epoch", "0"], "epoch must be >= 1"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--topk", "5"], "topk must be one of the evaluated cut-offs"),
+    (["--seed", "-1"], "seed must be in [0, 2**62)"),
+    (["--data", "no_such_name"], "no such dataset"),
+])
+def test_bad_flags_are_one_error_line(args, needle, capsys) -> None:
+    assert main(["train", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_kgat_folder_and_unused_params_flag(data_file, tmp_path, capsys) -> None:
+    from diffkg_fast.data.dataset import KGDataset
+    from diffkg_fast.data.export import export_dataset
+
+    folder = tmp_path / "kgat"
+    export_dataset(KGDataset.load(data_file), "kgat", folder)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--model", "lightgcn", "--epoch", "1",
+                 "--latdim", "8", "--kg_batch", "4096", "--no-progress", "--no-plot",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--kg_batch is accepted for DiffKG's command lines and ignored" in text
+    assert main(["evaluate", str(out)]) == 0  # the folder is found again through data.json

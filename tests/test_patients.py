@@ -16,15 +16,15 @@ from diffkg_fast.eval.medication import (
     predict_topk,
     visit_med_matrix,
 )
-from diffkg_fast.model import DiffKGConfig
-from diffkg_fast.model.diffkg import DiffKG
+from diffkg_fast.model import DiffKG, PairBatch
 from diffkg_fast.model.patients import (
     codes_to_entities,
     patient_code_matrix,
     visit_code_matrix,
 )
-from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
+from diffkg_fast.ops.graph import torch_csr
 from diffkg_fast.train import train
+from diffkg_fast.train.config import make_config
 from diffkg_fast.train.evaluation import evaluate_split
 
 
@@ -88,50 +88,45 @@ def test_codes_to_entities_accepts_plain_and_prefixed_and_names_every_unknown() 
 
 
 # ---------------------------------------------------------------------- the model
-def _toy_model(codes: bool = True) -> tuple[DiffKG, KGCSR, sp.csr_matrix]:
-    rng = np.random.default_rng(0)
+def _toy_model(codes: bool = True) -> DiffKG:
     n_users, n_items, n_ent = 4, 3, 12
     train_m = sp.csr_matrix(np.array([[1, 1, 0], [0, 0, 0], [0, 0, 0], [1, 0, 1]], np.float32))
-    kg = KGCSR.from_kg(np.array([[0, 0, 5], [1, 0, 6], [2, 1, 7], [0, 1, 10]]), n_ent, 2)
-    cfg = DiffKGConfig(latdim=8, seed=1)
-    c = torch_csr(patient_code_matrix(VISITS, n_users, n_ent, (0,))) if codes else None
-    model = DiffKG(n_users, n_items, n_ent, kg.n_relations,
-                   norm_adjacency(train_m, n_users, n_items), cfg,
-                   torch.Generator().manual_seed(int(rng.integers(100))), codes=c)
-    return model, kg, train_m
+    kg = np.array([[0, 0, 5], [1, 0, 6], [2, 1, 7], [0, 1, 10]])
+    c = patient_code_matrix(VISITS, n_users, n_ent, (0,)) if codes else None
+    # triplet_num -1: the sampled KG is the whole (tiny) KG.
+    return DiffKG(n_users, n_items, n_ent, 2, train_m, kg, c, latdim=8, dims=[16],
+                  triplet_num=-1, seed=1)
 
 
 def test_code_users_are_masked_id_plus_mean_code_embedding() -> None:
-    model, kg, _ = _toy_model()
+    model = _toy_model()
     model.eval()
-    u_prop, items, ent = model.encode(kg)
+    e = model.encoder(model.views()[0])
     codes = patient_code_matrix(VISITS, 4, 12, (0, 2))
     has_train = torch.tensor([1.0, 0.0, 0.0, 1.0]).unsqueeze(1)  # users 1, 2 have no items
-    expect = u_prop * has_train + torch.from_numpy(codes.toarray()) @ ent
-    got = model.code_users(torch_csr(codes), kg, torch.arange(4))
-    torch.testing.assert_close(got, expect)
-    only = model.score_codes(torch_csr(codes), kg)
-    torch.testing.assert_close(only, (torch.from_numpy(codes.toarray()) @ ent) @ items.T)
+    expect = e.u_prop * has_train + torch.from_numpy(codes.toarray()) @ e.ent
+    got = model.score_codes(torch_csr(codes), torch.arange(4))
+    torch.testing.assert_close(got, expect @ e.items.T)
+    only = model.score_codes(torch_csr(codes))
+    torch.testing.assert_close(only, (torch.from_numpy(codes.toarray()) @ e.ent) @ e.items.T)
     # The training forward uses the training codes only (patient 1's test visits are unseen).
-    u, _ = model(kg)
     train_codes = torch.from_numpy(patient_code_matrix(VISITS, 4, 12, (0,)).toarray())
-    torch.testing.assert_close(u, u_prop * has_train + train_codes @ ent)
+    torch.testing.assert_close(e.users, e.u_prop * has_train + train_codes @ e.ent)
 
 
 def test_code_loss_trains_the_code_entities() -> None:
-    model, kg, _ = _toy_model()
-    model.cfg.reg = 0.0  # L2 would touch every row
-    users, pos, neg = torch.tensor([0, 3]), torch.tensor([0, 2]), torch.tensor([2, 1])
-    loss, parts = model.loss(users, pos, neg, kg, kg, torch.Generator().manual_seed(0))
-    assert "code_bpr" in parts and np.isfinite(parts["code_bpr"])
+    model = _toy_model()
+    model.reg = 0.0  # L2 would touch every row
+    batch = PairBatch(torch.tensor([0, 3]), torch.tensor([0, 2]), torch.tensor([2, 1]))
+    loss, parts = model(batch)
+    assert "code_bpr" in parts and np.isfinite(float(parts["code_bpr"]))
     loss.backward()
     # Entity 11 (a procedure of patient 1 only, untrained, no KG edge) gets no gradient;
     # entity 9 neither; patient 0's codes 5, 6, 7, 10 do (through the code term).
-    g = model.entity.grad.abs().sum(1)
+    g = model.encoder.entity.grad.abs().sum(1)
     assert (g[[5, 6, 7, 10]] > 0).all()
     assert g[11] == 0 and g[9] == 0
-    plain, _, _ = _toy_model(codes=False)
-    _, parts = plain.loss(users, pos, neg, kg, kg, torch.Generator().manual_seed(0))
+    _, parts = _toy_model(codes=False)(batch)
     assert "code_bpr" not in parts
 
 
@@ -144,12 +139,12 @@ def visit_ds():
 
 def test_visit_split_medication_metrics_match_a_direct_computation(visit_ds) -> None:
     ds = visit_ds
-    res = train(ds, DiffKGConfig(epoch=1, latdim=8, dims=[32], seed=0), log=lambda _: None)
-    assert res.model.codes is not None
-    got = evaluate_split(res.model, res.kg, ds, "test")
+    res = train(ds, make_config(epoch=1, latdim=8, dims=[32], seed=0), log=lambda _: None)
+    assert res.model.scores_codes
+    got = evaluate_split(res.model, ds, "test")
     codes, vids = visit_code_matrix(ds.visits, ds.n_entities, 2)
     patients = torch.from_numpy(ds.visits.patient[vids].astype(np.int64))
-    scores = res.model.score_codes(torch_csr(codes), res.kg, patients).numpy()
+    scores = res.model.score_codes(torch_csr(codes), patients).numpy()
     sizes = np.diff(ds.visits.med_ptr)[ds.visits.split == 0]
     expect = medication_metrics(predict_topk(scores, default_k(sizes)),
                                 visit_med_matrix(ds.visits, ds.n_items, 2),
@@ -162,7 +157,7 @@ def test_visit_split_medication_metrics_match_a_direct_computation(visit_ds) -> 
 
 def test_held_out_patients_are_ranked_from_their_codes(visit_ds) -> None:
     ds = visit_ds
-    res = train(ds, DiffKGConfig(epoch=1, latdim=8, dims=[32], seed=0), log=lambda _: None)
+    res = train(ds, make_config(epoch=1, latdim=8, dims=[32], seed=0), log=lambda _: None)
     held = int(np.flatnonzero(ds.visits.split == 2)[0])
     p = int(ds.visits.patient[held])
     assert ds.train[p].nnz == 0  # a held-out patient: its ID embedding is never trained
@@ -171,16 +166,16 @@ def test_held_out_patients_are_ranked_from_their_codes(visit_ds) -> None:
                              ds.visits.diag[ds.visits.diag_ptr[held]:ds.visits.diag_ptr[held + 1]]])
     one = torch_csr(sp.csr_matrix((np.full(len(ids), 1 / len(ids), np.float32),
                                    (np.zeros(len(ids), int), ids)), shape=(1, ds.n_entities)))
-    a = res.model.score_codes(one, res.kg, torch.tensor([p]))
-    b = res.model.score_codes(one, res.kg)  # the ID part of a held-out patient is masked
+    a = res.model.score_codes(one, torch.tensor([p]))
+    b = res.model.score_codes(one)  # the ID part of a held-out patient is masked
     torch.testing.assert_close(a, b)
     other = torch_csr(sp.csr_matrix(([1.0], ([0], [ds.n_items + 1])), shape=(1, ds.n_entities),
                                     dtype=np.float32))
-    assert not torch.equal(a, res.model.score_codes(other, res.kg))
+    assert not torch.equal(a, res.model.score_codes(other))
 
 
 def test_interaction_split_has_no_medication_metrics() -> None:
     ds = build_dataset("synthetic", n_patients=120, n_diag=80, n_proc=40, n_med=20, seed=1)
-    res = train(ds, DiffKGConfig(epoch=1, latdim=8, dims=[16], seed=0), log=lambda _: None)
+    res = train(ds, make_config(epoch=1, latdim=8, dims=[16], seed=0), log=lambda _: None)
     assert not any(k.startswith("med_") for k in res.test)
-    assert res.model.codes is not None  # every visit is a training visit: codes are used
+    assert res.model.scores_codes  # every visit is a training visit: codes are used

@@ -16,14 +16,14 @@ import torch
 from diffkg_fast.cli import main
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.model.diffkg import MostPop
+from diffkg_fast.model import MostPop
 from diffkg_fast.model.patients import codes_to_entities, patient_code_matrix, row_mean_csr
 from diffkg_fast.ops.graph import torch_csr
-from diffkg_fast.train.commands import LoadedRun, load_run
 from diffkg_fast.train.recommend import format_example, recommend
+from diffkg_fast.train.run_folder import LoadedRun, load_run
 
-TINY = ["--set", "epoch=1", "--set", "latdim=8", "--set", "dims=[16]", "--set", "seed=1",
-        "--no-progress", "--no-plot"]
+TINY = ["--set", "epoch=1", "--set", "latdim=8", "--set", "seed=1", "--no-progress",
+        "--no-plot"]
 
 
 def _train(tmp_path_factory: pytest.TempPathFactory, name: str, split: str,
@@ -41,7 +41,7 @@ def _train(tmp_path_factory: pytest.TempPathFactory, name: str, split: str,
 
 @pytest.fixture(scope="module")
 def diffkg_run(tmp_path_factory) -> tuple[str, str]:
-    return _train(tmp_path_factory, "visit", "visit")
+    return _train(tmp_path_factory, "visit", "visit", "--set", "dims=[16]")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def _ranking(scores: torch.Tensor) -> list[int]:
 def _direct(run: LoadedRun, ents: np.ndarray, patient: int | None = None) -> torch.Tensor:
     row = row_mean_csr(np.zeros(len(ents), np.int64), ents, (1, run.ds.n_entities))
     users = None if patient is None else torch.tensor([patient])
-    return run.model.score_codes(torch_csr(row), run.kg, users)[0]
+    return run.model.score_codes(torch_csr(row), users)[0]
 
 
 def _err(capsys) -> str:
@@ -136,7 +136,7 @@ def test_patient_adds_its_codes_and_id_embedding(run) -> None:
     ents = codes_to_entities(ds.entity_codes, diag, proc)
     codes_only = recommend(run, diag, proc, top=ds.n_items)
     train_codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,))
-    has_train = model.has_train.ravel().bool()
+    has_train = model.encoder.has_train.ravel().bool()
     p = int(torch.nonzero(has_train)[0])  # a training patient
     with_p = recommend(run, diag, proc, patient=p, top=ds.n_items)
     assert [r["score"] for r in with_p] != pytest.approx([r["score"] for r in codes_only])
@@ -145,7 +145,7 @@ def test_patient_adds_its_codes_and_id_embedding(run) -> None:
     assert {r["item"] for r in with_p if r["known"]} == set(ds.train[p].indices.tolist())
     # The patient alone is the trained model's own user vector.
     alone = recommend(run, patient=p, top=ds.n_items)
-    assert [r["item"] for r in alone] == _ranking(model.score(torch.tensor([p]), run.kg))
+    assert [r["item"] for r in alone] == _ranking(model.score(torch.tensor([p])))
     # A held-out patient: no training codes, its ID embedding is masked: codes only.
     q = int(torch.nonzero(~has_train)[0])
     assert train_codes[q].nnz == 0
@@ -191,7 +191,7 @@ def test_bad_options_are_one_error_line(diffkg_run, args, needle, capsys) -> Non
 def test_lightgcn_ranks_patients_and_refuses_codes(lightgcn_run, capsys) -> None:
     run = load_run(lightgcn_run[0])
     rows = recommend(run, patient=4, top=run.ds.n_items)
-    assert [r["item"] for r in rows] == _ranking(run.model.score(torch.tensor([4]), run.kg))
+    assert [r["item"] for r in rows] == _ranking(run.model.score(torch.tensor([4])))
     assert {r["item"] for r in rows if r["known"]} == set(run.ds.train[4].indices.tolist())
     assert main(["recommend", lightgcn_run[0], "--patient", "4", "--diagnoses", "0062"]) == 2
     err = _err(capsys)
@@ -201,7 +201,7 @@ def test_lightgcn_ranks_patients_and_refuses_codes(lightgcn_run, capsys) -> None
 def test_kgat_style_example_lists_user_0(run) -> None:
     """A dataset without visits: the example is user 0's top 10 with entity codes."""
     ds = dataclasses.replace(run.ds, visits=None)
-    text = format_example(LoadedRun(run.cfg, ds, MostPop(ds.train), None))
+    text = format_example(LoadedRun(run.config, ds, MostPop(ds.n_users, ds.n_items, ds.train)))
     lines = text.strip().splitlines()
     assert lines[0] == "example: top 10 items of user 0" and len(lines) == 13
     pop = np.asarray(ds.train.sum(axis=0)).ravel()

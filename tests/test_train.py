@@ -7,15 +7,19 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import diffkg_fast.model.diffkg as diffkg_mod
+import diffkg_fast.model.diffkg.encoder as encoder_mod
 import diffkg_fast.train.evaluation as evaluation_mod
-import diffkg_fast.train.trainer as trainer_mod
 from diffkg_fast.data.build import build_dataset
+from diffkg_fast.data.errors import DataError
 from diffkg_fast.eval.ranking import ranking_metrics
-from diffkg_fast.model import DiffKGConfig
+from diffkg_fast.model import MODELS, EmbeddingRecommender, EpochReport, bpr_loss
+from diffkg_fast.model.registry import register_model
 from diffkg_fast.ops.diffusion import Denoiser
 from diffkg_fast.ops.graph import KGCSR
-from diffkg_fast.train import sample_negatives, train
+from diffkg_fast.train import train
+from diffkg_fast.train.config import RunConfig, config_defaults, make_config
+from diffkg_fast.train.sampling import interactions, sample_negatives
+from diffkg_fast.train.selection import SelectionError
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +28,11 @@ def ds():
     return build_dataset("synthetic", n_patients=400, n_diag=300, n_proc=150, n_med=60, seed=0)
 
 
-def _cfg(**kw) -> DiffKGConfig:
+def _cfg(**kw) -> RunConfig:
     base = {"epoch": 2, "latdim": 16, "dims": [64], "seed": 3}
     base.update(kw)
-    return DiffKGConfig(**base)
+    keys = config_defaults(base.get("model", "diffkg"))
+    return make_config(**{k: v for k, v in base.items() if k in keys})
 
 
 def _quiet(_: str) -> None:
@@ -42,7 +47,7 @@ def _dense_toy() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     dense[np.arange(n_users), rng.integers(0, n_items, n_users)] = False  # >= 1 negative each
     dense[np.arange(n_users), rng.integers(0, n_items, n_users)] |= ~dense.any(1)
     m = sp.csr_matrix(dense.astype(np.float32))
-    users, items, keys = trainer_mod._interactions(m)
+    users, items, keys = interactions(m)
     return users, items, keys, n_items
 
 
@@ -61,7 +66,7 @@ def test_negatives_never_positive_and_reproducible() -> None:
 
 def test_negatives_reject_a_user_with_every_item() -> None:
     m = sp.csr_matrix(np.ones((2, 3), dtype=np.float32))
-    users, _, keys = trainer_mod._interactions(m)
+    users, _, keys = interactions(m)
     with pytest.raises(ValueError, match="every item"):
         sample_negatives(users, keys, 3)
 
@@ -69,13 +74,13 @@ def test_negatives_reject_a_user_with_every_item() -> None:
 # --------------------------------------------------------------------- the denoised KG
 def test_training_sees_the_denoised_kg(ds, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[KGCSR, bool]] = []
-    real = diffkg_mod.rgat_forward
+    real = encoder_mod.rgat_forward
 
     def recording(E, Rel, W, kg, *args, **kw):
         seen.append((kg, torch.is_grad_enabled() and kw.get("training", False)))
         return real(E, Rel, W, kg, *args, **kw)
 
-    monkeypatch.setattr(diffkg_mod, "rgat_forward", recording)
+    monkeypatch.setattr(encoder_mod, "rgat_forward", recording)
     # keepRate 1 and rebuild_k 5 so that the denoised KG is visibly non-trivial.
     res = train(ds, _cfg(keepRate=1.0, rebuild_k=5), log=_quiet)
     full = KGCSR.from_kg(ds.kg, ds.n_entities, ds.n_relations)
@@ -89,12 +94,14 @@ def test_training_sees_the_denoised_kg(ds, monkeypatch: pytest.MonkeyPatch) -> N
         kgs = {id(k) for k in views1[epoch * steps:(epoch + 1) * steps]}
         assert len(kgs) == 1
         kg = views1[epoch * steps]
-        assert kg.n_edges == res.history[epoch]["kg_edges"] > 0
+        assert kg.n_edges == res.history[epoch]["info"]["kg_edges"] > 0
         assert set(map(tuple, kg.to_triplets().tolist())) <= full_keys  # a subset, same rels
     assert views1[0] is not views1[steps]  # a new KG every epoch
     originals = {id(k) for k in training_kgs[1::2]}
     assert len(originals) == 1 and training_kgs[1].n_edges != views1[0].n_edges
-    assert res.kg is views1[res.best_epoch * steps]  # the best epoch's KG scores the test
+    # The best epoch's KG scores the test (restored from its saved state: edge for edge).
+    best_kg = views1[res.best_epoch * steps]
+    assert (res.model.views()[0].to_triplets() == best_kg.to_triplets()).all()
     h = res.history[0]
     assert h["time"]["diffusion"] > 0 and h["time"]["rebuild"] > 0
     assert all(np.isfinite(v) for v in h["loss"].values())
@@ -107,11 +114,11 @@ def test_ablation_never_calls_the_denoiser(ds, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(Denoiser, "__init__", boom)
     monkeypatch.setattr(Denoiser, "forward", boom)
     res = train(ds, _cfg(use_diffusion=False), log=_quiet)
-    assert res.extra["denoiser"] is None
+    assert res.model.diffusion is None
     assert all(h["time"]["diffusion"] == 0 and h["time"]["rebuild"] == 0 for h in res.history)
     full = KGCSR.from_kg(ds.kg, ds.n_entities, ds.n_relations)
     sampled = np.minimum(full.degree.numpy(), 10).sum()
-    assert res.history[0]["kg_edges"] == sampled  # the original, triplet_num-sampled KG
+    assert res.history[0]["info"]["kg_edges"] == sampled  # the original, sampled KG
 
 
 def test_same_seed_same_metrics(ds) -> None:
@@ -119,7 +126,7 @@ def test_same_seed_same_metrics(ds) -> None:
     b = train(ds, _cfg(), log=_quiet)
     assert a.test == b.test and a.val == b.val
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert [h["kg_edges"] for h in a.history] == [h["kg_edges"] for h in b.history]
+    assert [h["info"] for h in a.history] == [h["info"] for h in b.history]
     c = train(ds, _cfg(seed=4), log=_quiet)
     assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
 
@@ -182,11 +189,94 @@ def test_fused_diffusion_trains_like_the_reference(ds, monkeypatch: pytest.Monke
     for key, want in ref.history[0]["loss"].items():
         assert fused.history[0]["loss"][key] == pytest.approx(want, rel=1e-5, abs=1e-7), key
     # The same denoised KG (measured: equal losses to ~1e-7, the same 3 edges kept).
-    assert fused.history[0]["kg_edges"] == ref.history[0]["kg_edges"]
+    assert fused.history[0]["info"] == ref.history[0]["info"]
 
 
 def test_diffusion_precision_option(ds) -> None:
     res = train(ds, _cfg(epoch=1, diffusion_precision="bf16"), log=_quiet)
-    assert np.isfinite(res.history[0]["loss"]["diff"]) and res.history[0]["kg_edges"] > 0
+    assert np.isfinite(res.history[0]["loss"]["diff"]) and res.history[0]["info"]["kg_edges"] > 0
     with pytest.raises(ValueError, match="diffusion_precision"):
         _cfg(diffusion_precision="fp16")
+
+
+# --------------------------------------------------------------------- the interface
+class _Toy(EmbeddingRecommender):
+    """A minimal model written against the interface alone: free tables, BPR."""
+
+    name = "toy_for_tests"
+    phases = ("warmup",)
+
+    def __init__(self, n_users, n_items, *, latdim: int = 4, seed: int = 0,
+                 device: str = "cpu") -> None:
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        g = torch.Generator().manual_seed(seed)
+        self.user = torch.nn.Parameter(torch.randn(n_users, latdim, generator=g) * 0.1)
+        self.item = torch.nn.Parameter(torch.randn(n_items, latdim, generator=g) * 0.1)
+        self.calls = {"epoch_start": [], "forward": 0}
+
+    @classmethod
+    def from_dataset(cls, ds, **options):
+        return cls(ds.n_users, ds.n_items, **options)
+
+    def on_epoch_start(self, epoch, limit_batches=None):
+        self.calls["epoch_start"].append(epoch)
+        return EpochReport({"warm": 1.0}, {"warmup": 0.0}, {"note": epoch})
+
+    def forward(self, batch):
+        self.calls["forward"] += 1
+        u, p, n = self.user[batch.users], self.item[batch.pos], self.item[batch.neg]
+        loss = bpr_loss(u, p, n)
+        return loss, {"bpr": loss.detach()}
+
+    def _eval_outputs(self):
+        return self.user, self.item
+
+
+@pytest.fixture
+def toy_registered(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(MODELS, _Toy.name, _Toy)
+    return _Toy
+
+
+def test_the_trainer_drives_any_registered_model(ds, toy_registered) -> None:
+    cfg = make_config(model=_Toy.name, epoch=3, latdim=8, lr=0.05, batch=512, seed=2)
+    res = train(ds, cfg, log=_quiet)
+    model = res.model
+    assert isinstance(model, _Toy) and model.calls["epoch_start"] == [0, 1, 2]
+    assert model.calls["forward"] == 3 * -(-ds.train.nnz // 512)  # every step through forward
+    h = res.history[-1]
+    assert set(h["time"]) == {"warmup", "recommender", "evaluation"}
+    assert h["info"] == {"note": 2} and h["loss"]["warm"] == 1.0 and "bpr" in h["loss"]
+    assert res.history[-1]["val"]["recall@20"] > res.history[0]["val"]["recall@20"]
+    with pytest.raises(DataError, match="unknown config key"):
+        make_config(model=_Toy.name, dims=[8])  # a DiffKG option: not this model's
+
+
+def test_register_model_refuses_a_second_model_of_the_same_name(toy_registered) -> None:
+    class Other(_Toy):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(Other)
+    assert register_model(_Toy) is _Toy  # the same class again is fine
+
+
+def test_an_empty_validation_split_is_an_error_before_training(monkeypatch) -> None:
+    ds = build_dataset("synthetic", n_patients=120, n_diag=80, n_proc=40, n_med=20, seed=1)
+    ds.valid = sp.csr_matrix(ds.valid.shape, dtype=ds.valid.dtype)
+    with pytest.raises(SelectionError, match="empty validation split"):
+        train(ds, _cfg(model="lightgcn"), log=_quiet)
+
+
+def test_a_nan_validation_metric_cannot_select(ds, monkeypatch) -> None:
+    monkeypatch.setattr(evaluation_mod, "ranking_metrics",
+                        lambda *a, **k: {"recall@20": float("nan"), "n_users": 0})
+    with pytest.raises(SelectionError, match="recall@20 of epoch 0 is nan"):
+        train(ds, _cfg(model="lightgcn", epoch=1), log=_quiet)
+
+
+def test_eval_every_validates_the_chosen_epochs_and_the_last(ds) -> None:
+    res = train(ds, _cfg(model="lightgcn", epoch=5, eval_every=2), log=_quiet)
+    assert [bool(h["val"]) for h in res.history] == [True, False, True, False, True]
+    assert res.best_epoch in (0, 2, 4)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import diffkg_fast.train.trainer as trainer_mod
+import diffkg_fast.model.diffkg.diffusion as diffusion_mod
 from diffkg_fast.data.build import build_dataset
-from diffkg_fast.model import DiffKGConfig
 from diffkg_fast.model.diffkg import DiffKG
 from diffkg_fast.train import train
+from diffkg_fast.train.config import RunConfig, make_config
 
 BATCH = 128  # several diffusion batches (563 entities) and recommender steps per epoch
 
@@ -18,10 +18,10 @@ def ds():
     return build_dataset("synthetic", n_patients=150, n_diag=300, n_proc=150, n_med=60, seed=0)
 
 
-def _cfg(**kw) -> DiffKGConfig:
+def _cfg(**kw) -> RunConfig:
     base = {"epoch": 1, "latdim": 8, "dims": [32], "seed": 3, "batch": BATCH}
     base.update(kw)
-    return DiffKGConfig(**base)
+    return make_config(**base)
 
 
 def _quiet(_: str) -> None:
@@ -30,12 +30,12 @@ def _quiet(_: str) -> None:
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     seen: dict[str, list[int]] = {"recommender": [], "diffusion": [], "rebuild_rows": []}
-    real_loss, real_diff, real_topk = DiffKG.loss, trainer_mod.diffusion_loss, \
-        trainer_mod.sample_topk
+    real_fwd, real_diff, real_topk = DiffKG.forward, diffusion_mod.diffusion_loss, \
+        diffusion_mod.sample_topk
 
-    def loss(self, users, *args, **kw):
-        seen["recommender"].append(users.numel())
-        return real_loss(self, users, *args, **kw)
+    def forward(self, batch):
+        seen["recommender"].append(batch.users.numel())
+        return real_fwd(self, batch)
 
     def diff(denoiser, x0, *args, **kw):
         seen["diffusion"].append(x0.shape[0])
@@ -45,9 +45,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
         seen["rebuild_rows"].append(rows.numel())
         return real_topk(denoiser, rowptr, col, rows, *args, **kw)
 
-    monkeypatch.setattr(DiffKG, "loss", loss)
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", diff)
-    monkeypatch.setattr(trainer_mod, "sample_topk", topk)
+    monkeypatch.setattr(DiffKG, "forward", forward)
+    monkeypatch.setattr(diffusion_mod, "diffusion_loss", diff)
+    monkeypatch.setattr(diffusion_mod, "sample_topk", topk)
     return seen
 
 
@@ -70,7 +70,7 @@ def test_a_limit_above_the_epoch_changes_nothing(ds) -> None:
     a = train(ds, _cfg(), log=_quiet)
     b = train(ds, _cfg(), log=_quiet, limit_batches=10**6)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert [h["kg_edges"] for h in a.history] == [h["kg_edges"] for h in b.history]
+    assert [h["info"] for h in a.history] == [h["info"] for h in b.history]
     assert a.val == b.val and a.test == b.test
 
 

@@ -13,10 +13,9 @@ import pytest
 from diffkg_fast.cli import main
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.model import DiffKGConfig
-from diffkg_fast.model.presets import PRESETS, preset
 from diffkg_fast.train import train
-from diffkg_fast.train.config_io import resolve_config
+from diffkg_fast.train.config import make_config, resolve_config
+from diffkg_fast.train.presets import PRESETS, preset
 from diffkg_fast.train.report import CURVES, TB_DIR, VIZ_HINT, RunReporter, plot_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,8 +40,8 @@ def _history(n: int = 3) -> list[dict]:
     """The shape of the trainer's history, for the reporter tests that need no training."""
     return [{"epoch": e, "loss": {"total": 1.0 / (e + 1), "bpr": 0.5, "reg": 0.01, "cl": 0.3,
                                   "diff_loss": 0.2},
-             "kg_edges": 100, "val": {f"{m}@{k}": 0.1 * (e + 1) for m in ("recall", "ndcg")
-                                      for k in (10, 20, 40)},
+             "info": {"kg_edges": 100},
+             "val": {f"{m}@{k}": 0.1 * (e + 1) for m in ("recall", "ndcg") for k in (10, 20, 40)},
              "time": {"diffusion": 0.1, "rebuild": 0.05, "recommender": 0.3, "evaluation": 0.02}}
             for e in range(n)]
 
@@ -50,19 +49,20 @@ def _history(n: int = 3) -> list[dict]:
 # --------------------------------------------------------------------- YAML config files
 def test_yaml_config_equals_json(tmp_path) -> None:
     values = {"latdim": 8, "dims": [16], "reg": 1e-5, "lr": 0.002, "patience": None,
-              "use_diffusion": False, "model": "lightgcn", "temp": 1}
+              "use_diffusion": False, "model": "diffkg", "temp": 1}
     js = tmp_path / "cfg.json"
     js.write_text(json.dumps(values))
     # "1e-5" without a dot is a string to plain PyYAML (YAML 1.1): the loader must read a float.
     yml = tmp_path / "cfg.yaml"
     yml.write_text("# DiffKG on Last-FM, smaller\nlatdim: 8\ndims: [16]\nreg: 1e-5\nlr: 0.002\n"
-                   "patience: null\nuse_diffusion: false\nmodel: lightgcn\ntemp: 1\n")
+                   "patience: null\nuse_diffusion: false\nmodel: diffkg\ntemp: 1\n")
     cfg = resolve_config(str(yml))
     assert cfg == resolve_config(str(js))
-    assert cfg.reg == 1e-5 and isinstance(cfg.reg, float) and isinstance(cfg.temp, float)
+    assert cfg["reg"] == 1e-5 and isinstance(cfg["reg"], float)
+    assert isinstance(cfg["temp"], float)
     short = tmp_path / "cfg.yml"
     short.write_text("dims:\n  - 16\nlatdim: 8\n")
-    assert resolve_config(str(short)).dims == [16]
+    assert resolve_config(str(short))["dims"] == [16]
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -91,14 +91,17 @@ def test_yaml_error_is_one_cli_line(tmp_path, capsys) -> None:
 # --------------------------------------------------------------------- presets
 def test_every_preset_resolves_to_its_values() -> None:
     assert set(PRESETS) >= {"diffkg", "lastfm", "mind", "alibaba", "medication"}
-    assert resolve_config(preset="diffkg") == DiffKGConfig()
+    assert resolve_config(preset="diffkg") == make_config()
     for name, values in PRESETS.items():
         cfg = resolve_config(preset=name).to_dict()
         assert {k: cfg[k] for k in values} == values, name
     last = resolve_config(preset="lastfm")
-    assert (last.reg, last.keepRate, last.triplet_num, last.cl_pattern, last.layer_num_kg) == (
-        1e-5, 0.1, -1, 1, 2)
-    assert resolve_config(preset="alibaba").epoch == 50
+    assert [last[k] for k in ("reg", "keepRate", "triplet_num", "cl_pattern", "layer_num_kg")
+            ] == [1e-5, 0.1, -1, 1, 2]
+    assert resolve_config(preset="alibaba")["epoch"] == 50
+    # A preset's DiffKG keys are skipped for a model that does not take them.
+    light = resolve_config(None, {"model": "lightgcn"}, preset="lastfm")
+    assert light["reg"] == 1e-5 and "keepRate" not in light
     assert preset("mind") is not PRESETS["mind"]  # a copy: callers cannot change the table
 
 
@@ -112,7 +115,7 @@ def test_train_help_names_every_preset(capsys) -> None:
 
 def test_set_overrides_a_preset() -> None:
     cfg = resolve_config(None, {"keepRate": 0.3, "epoch": 3}, preset="lastfm")
-    assert (cfg.keepRate, cfg.epoch, cfg.reg) == (0.3, 3, 1e-5)
+    assert (cfg["keepRate"], cfg["epoch"], cfg["reg"]) == (0.3, 3, 1e-5)
 
 
 def test_unknown_preset(capsys) -> None:
@@ -128,11 +131,11 @@ def test_precedence_defaults_preset_file_set_device(tmp_path) -> None:
     # mind: e_loss 0.1, temp 1, ssl_reg 1; the file changes temp and latdim and names cuda.
     path.write_text("temp: 0.5\nlatdim: 8\ndevice: cuda\n")
     cfg = resolve_config(str(path), {"latdim": 16}, "cpu", preset="mind")
-    assert cfg.e_loss == 0.1 and cfg.ssl_reg == 1.0  # preset over defaults
-    assert cfg.temp == 0.5  # file over preset
-    assert cfg.latdim == 16  # --set over file
-    assert cfg.device == "cpu"  # --device over everything
-    assert cfg.lr == DiffKGConfig().lr  # untouched: the default
+    assert cfg["e_loss"] == 0.1 and cfg["ssl_reg"] == 1.0  # preset over defaults
+    assert cfg["temp"] == 0.5  # file over preset
+    assert cfg["latdim"] == 16  # --set over file
+    assert cfg["device"] == "cpu"  # --device over everything
+    assert cfg["lr"] == make_config()["lr"]  # untouched: the default
 
 
 # --------------------------------------------------------------------- reporting
@@ -195,7 +198,7 @@ class _TTY(io.StringIO):
 
 
 def test_progress_and_reporter_do_not_change_results(ds, tmp_path, monkeypatch) -> None:
-    cfg = DiffKGConfig(epoch=1, latdim=16, dims=[32], batch=256, seed=1)
+    cfg = make_config(epoch=1, latdim=16, dims=[32], batch=256, seed=1)
     plain = train(ds, cfg, log=lambda _: None)
     fake = _TTY()
     monkeypatch.setattr(sys, "stderr", fake)  # a terminal: the bar is really drawn

@@ -15,7 +15,8 @@ Which visits a row sees (no target ever leaks: codes are inputs, medications are
 - :func:`visit_code_matrix`: one row per visit of split ``s``, the codes of that visit and of
   the patient's earlier visits (history), so a held-out visit is predicted from what is known
   when it happens;
-- :func:`codes_to_entities`: a new patient given by code strings.
+- :func:`codes_to_entities`: a new patient given by code strings, and :func:`code_rows` the
+  rows a model's ``score_codes`` takes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import scipy.sparse as sp
 from diffkg_fast.data.dataset import VisitFeatures
 from diffkg_fast.data.errors import DataError
 
-__all__ = ["codes_to_entities", "patient_code_matrix", "row_mean_csr", "visit_code_matrix"]
+__all__ = ["code_rows", "codes_to_entities", "patient_code_matrix", "row_mean_csr",
+           "visit_code_matrix"]
 
 
 def row_mean_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -115,3 +117,15 @@ def codes_to_entities(entity_codes: Sequence[str], diagnoses: Sequence[str] = ()
         raise DataError(f"unknown code(s) not in the dataset's vocabulary: {', '.join(unknown)}",
                         field="codes")
     return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+def code_rows(patients: Sequence[Sequence[int]], n_entities: int):  # -> torch sparse CSR
+    """``len(patients) × n_entities`` torch CSR, row ``i`` the mean one-hot of the entity ids
+    ``patients[i]`` (from :func:`codes_to_entities`): the input of
+    :meth:`~diffkg_fast.model.base.Recommender.score_codes`."""
+    from diffkg_fast.ops.graph import torch_csr  # torch: imported on use, as the data layer
+
+    rows = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(patients)]
+                          + [np.zeros(0, np.int64)])
+    cols = np.concatenate([np.asarray(p, np.int64) for p in patients] + [np.zeros(0, np.int64)])
+    return torch_csr(row_mean_csr(rows, cols, (len(patients), n_entities)))

@@ -68,3 +68,8 @@ def resolve(op: str, backend: str, device: torch.device | str) -> Callable[..., 
     if backend == "cpu" and kind != "cpu":
         raise ValueError(f"backend 'cpu' of op {op!r} needs a CPU tensor, got {kind!r}")
     return impls[backend]
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether ``backend="auto"`` runs a kernel for ``op`` on ``device`` (not the reference)."""
+    return resolve(op, "auto", device) is not resolve(op, "reference", device)

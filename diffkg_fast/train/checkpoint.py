@@ -1,23 +1,20 @@
-"""Run directories: ``checkpoint.pt`` (exact resume), ``config.json`` and ``log.csv``.
+"""The checkpoint file: one atomic, self-checking ``torch.save`` of a run's state.
 
-A checkpoint holds everything the epoch loop of :func:`diffkg_fast.train.train` carries from one
-epoch to the next, so that a resumed run ends bitwise equal to an uninterrupted one with the
-same seed (on the same device and torch build): model, denoiser and both optimisers' state, every
-per-purpose ``torch.Generator``, the python / numpy / torch global RNG states (the denoiser's
-dropout draws from torch's global RNG), the sampled original KG, the history, the best state so
-far and its KG, the patience counter and the resolved config.
+What a run's checkpoint holds is decided by the trainer (:mod:`diffkg_fast.train.trainer`) and
+the run folder (:mod:`diffkg_fast.train.run_folder`); this module owns the file:
 
-Only tensors and plain python values are stored (numpy arrays become tensors), so the file loads
-with ``torch.load(weights_only=True)``: reading a checkpoint never runs pickled code.
-Every file is written atomically (temporary file, then rename): a crash mid-write leaves the
-previous epoch's file intact.
+- only tensors and plain python values are stored, so it loads with
+  ``torch.load(weights_only=True)``: reading a checkpoint never runs pickled code;
+- it is written atomically (temporary file, then rename): a crash mid-write leaves the
+  previous file intact;
+- it carries a SHA-256 digest of its whole content, checked on load: a flipped bit in a weight
+  is an error naming the file, never a different model;
+- the global RNG states (python, numpy, torch CPU and CUDA) are saved and restored here.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -25,31 +22,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.ops.graph import KGCSR
 from diffkg_fast.utils.io import atomic_write
 
-__all__ = [
-    "CHECKPOINT", "CONFIG", "LOG", "CheckpointError", "check_config", "get_rng_state",
-    "kg_from_tensor", "kg_to_tensor", "load_checkpoint", "save_checkpoint", "set_rng_state",
-    "write_config_json", "write_log_csv",
-]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "get_rng_state", "load_checkpoint",
+           "save_checkpoint", "set_rng_state", "state_digest"]
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-LOG = "log.csv"
-FORMAT_VERSION = 1
-
-# Keys that may differ between the run that wrote a checkpoint and the one resuming it: the
-# device only decides where the same computation runs (bitwise equality then is not promised).
-RESUMABLE_DIFFERENCES = frozenset({"device"})
+FORMAT_VERSION = 2
 
 
 class CheckpointError(DataError):
-    """A missing, unreadable or incompatible checkpoint (a :class:`DataError`, so the CLI
-    reports it as one ``error:`` line with exit status 2)."""
+    """A missing, unreadable, corrupt or incompatible checkpoint (a :class:`DataError`, so the
+    CLI reports it as one ``error:`` line with exit status 2)."""
 
 
 # ------------------------------------------------------------------ RNG states
@@ -79,31 +64,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------ graphs
-def kg_to_tensor(kg: KGCSR | None) -> Tensor | None:
-    """``(n_edges, 3)`` int64 CPU ``(h, r, t)`` rows in CSR order (``None`` stays ``None``)."""
-    return None if kg is None else torch.from_numpy(kg.to_triplets())
+# ------------------------------------------------------------------ digest
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the bytes, without a copy
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    else:  # None, bool, int, float, str: their repr is exact
+        h.update(f"S{type(obj).__name__}:{obj!r}".encode())
 
 
-def kg_from_tensor(triplets: Tensor | None, n_entities: int, n_relations: int,
-                   device: torch.device | str = "cpu") -> KGCSR | None:
-    """Inverse of :func:`kg_to_tensor`: the rows are already in CSR order and
-    :meth:`KGCSR.from_triplets` sorts stably, so the rebuilt graph is edge-for-edge the same."""
-    if triplets is None:
-        return None
-    return KGCSR.from_triplets(triplets, n_entities, n_relations).to(device)
+def state_digest(state: Any) -> str:
+    """SHA-256 of a state's structure and every tensor's bytes (independent of dict order)."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
 
 
-# ------------------------------------------------------------------ checkpoint file
+# ------------------------------------------------------------------ the file
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """``torch.save`` ``state`` (plus the format version) atomically to ``path``."""
+    """``torch.save`` ``state`` with the format version and its digest, atomically."""
+    payload = {"format_version": FORMAT_VERSION, **state}
     with atomic_write(path, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+        torch.save({**payload, "digest": state_digest(payload)}, f)
 
 
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; anything else is a
+    """Load and verify a checkpoint written by :func:`save_checkpoint`; anything else (missing,
+    truncated, foreign, another format, a digest that does not match) is a
     :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -112,55 +110,11 @@ def load_checkpoint(path: str | os.PathLike[str],
         ck = torch.load(path, map_location=map_location, weights_only=True)
     # A truncated or foreign file raises many types (pickle, zip, EOF …): all mean the same.
     except Exception as exc:
-        raise CheckpointError(f"not a readable checkpoint: {exc}", path=path) from exc
+        raise CheckpointError(f"not a readable checkpoint: {str(exc)[:200]}", path=path) from exc
     if not isinstance(ck, dict) or ck.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"not a checkpoint of format version {FORMAT_VERSION}", path=path)
+    digest = ck.pop("digest", None)
+    if digest != state_digest(ck):
+        raise CheckpointError("corrupt checkpoint: its content does not match its digest "
+                              "(a changed or damaged file)", path=path)
     return ck
-
-
-def check_config(saved: dict[str, Any], current: dict[str, Any],
-                 path: str | os.PathLike[str] | None = None) -> None:
-    """Refuse (``CheckpointError``) to resume under a config that differs from the saved one
-    in any key but :data:`RESUMABLE_DIFFERENCES`; the message names every differing key."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_DIFFERENCES)
-    diff = [k for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>")]
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k, '<missing>')!r} vs "
-                           f"now {current.get(k, '<missing>')!r}" for k in diff)
-        raise CheckpointError(f"cannot resume with a different config ({detail})", path=path)
-
-
-# ------------------------------------------------------------------ human-readable files
-def write_config_json(out_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
-    """``out_dir/config.json``: the resolved config, loadable by ``--config``."""
-    with atomic_write(Path(out_dir) / CONFIG, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _columns(history: list[dict[str, Any]]) -> list[str]:
-    # Columns are the union over epochs in first-seen order, so a loss part that only some
-    # models have (diffusion) still gets one fixed column.
-    cols: dict[str, None] = {"epoch": None}
-    for group in ("loss", "kg_edges", "val", "time"):
-        for h in history:
-            if group == "kg_edges":
-                cols["kg_edges"] = None
-            else:
-                cols.update({f"{group}_{k}": None for k in h.get(group, {})})
-    return list(cols)
-
-
-def write_log_csv(out_dir: str | os.PathLike[str], history: list[dict[str, Any]]) -> None:
-    """``out_dir/log.csv``: one row per epoch (epoch, losses, kg edges, validation metrics,
-    phase times in seconds), rewritten whole and atomically after every epoch."""
-    cols = _columns(history)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for h in history:
-        flat: dict[str, Any] = {"epoch": h["epoch"], "kg_edges": h.get("kg_edges")}
-        for group in ("loss", "val", "time"):
-            flat.update({f"{group}_{k}": v for k, v in h.get(group, {}).items()})
-        w.writerow(["" if flat.get(c) is None else flat[c] for c in cols])
-    with atomic_write(Path(out_dir) / LOG, "w") as f:
-        f.write(buf.getvalue())

@@ -5,9 +5,10 @@
   (:func:`~diffkg_fast.eval.ranking.ranking_metrics`).
 - Medication metrics (datasets with a ``visit`` split): every held-out visit of the split is
   predicted from what is known when it happens — its own diagnoses and procedures and those of
-  the patient's earlier visits (:func:`~diffkg_fast.model.patients.visit_code_matrix`) for
-  DiffKG with patient codes; the patient's (untrained, isolated) embedding for LightGCN; the
-  popularity for MostPop. The predicted set is the top ``k`` medications, ``k`` the rounded mean
+  the patient's earlier visits (:func:`~diffkg_fast.model.patients.visit_code_matrix`) for a
+  model that scores codes (``Recommender.scores_codes``: DiffKG with patient codes); the
+  patient's own representation otherwise (untrained for a held-out patient of LightGCN; the
+  popularity for MostPop). The predicted set is the top ``k`` medications, ``k`` the rounded mean
   training visit size (:func:`~diffkg_fast.eval.medication.default_k`); Jaccard, F1, PRAUC, DDI
   rate and mean set size as SafeDrug computes them, keys prefixed ``med_``.
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.eval.medication import (
@@ -28,20 +29,14 @@ from diffkg_fast.eval.medication import (
     predict_topk,
     visit_med_matrix,
 )
-from diffkg_fast.eval.ranking import ranking_metrics
-from diffkg_fast.model.diffkg import DiffKG
+from diffkg_fast.eval.ranking import KS, ranking_metrics
+from diffkg_fast.model.base import Recommender
 from diffkg_fast.model.patients import patient_code_matrix, visit_code_matrix
-from diffkg_fast.ops.graph import KGCSR, torch_csr
+from diffkg_fast.ops.graph import torch_csr
 
-__all__ = ["KS", "SPLIT_ID", "evaluate_split", "has_visit_split", "use_codes"]
+__all__ = ["SPLIT_ID", "evaluate_split", "has_visit_split"]
 
-KS = (10, 20, 40)
 SPLIT_ID = {"valid": 1, "test": 2}
-
-
-def use_codes(model: nn.Module) -> bool:
-    """True for a DiffKG built with patient codes."""
-    return isinstance(model, DiffKG) and model.codes is not None
 
 
 def has_visit_split(ds: KGDataset) -> bool:
@@ -49,52 +44,52 @@ def has_visit_split(ds: KGDataset) -> bool:
     return ds.visits is not None and bool((np.asarray(ds.visits.split) > 0).any())
 
 
-def _score_fn(model: nn.Module, kg: KGCSR | None, ds: KGDataset, split: str,
-              ) -> Callable[[Tensor], Tensor]:
-    if not use_codes(model):
-        return lambda us: model.score(us, kg)
-    assert isinstance(model, DiffKG) and ds.visits is not None
+def _score_fn(model: Recommender, ds: KGDataset, split: str) -> Callable[[Tensor], Tensor]:
+    if not model.scores_codes or ds.visits is None:
+        return model.score
     # What evaluating `split` may know: training visits and the split's own visits' codes.
     codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0, SPLIT_ID[split]))
-    table = model.code_users(torch_csr(codes), kg, torch.arange(ds.n_users))
-    items = model.embeddings(kg)[1]
-    return lambda us: table[us.to(table.device)] @ items.T
+
+    def score(users: Tensor) -> Tensor:
+        rows = codes[users.cpu().numpy()]
+        return model.score_codes(torch_csr(rows), users)
+
+    return score
 
 
 @torch.no_grad()
-def _visit_scores(model: nn.Module, kg: KGCSR | None, ds: KGDataset, split: str,
+def _visit_scores(model: Recommender, ds: KGDataset, split: str,
                   batch: int) -> tuple[np.ndarray, np.ndarray]:
     """``(visits × items scores, visit ids)`` of the held-out visits of ``split``."""
     assert ds.visits is not None
     sid = SPLIT_ID[split]
     patients = torch.from_numpy(np.asarray(ds.visits.patient, dtype=np.int64))
-    if use_codes(model):
-        assert isinstance(model, DiffKG)
+    if model.scores_codes:
         codes, vids = visit_code_matrix(ds.visits, ds.n_entities, sid)
-        out = [model.score_codes(torch_csr(codes[lo:lo + batch]), kg,
+        out = [model.score_codes(torch_csr(codes[lo:lo + batch]),
                                  patients[vids[lo:lo + batch]]).float().cpu()
                for lo in range(0, len(vids), batch)]
         return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
     vids = np.flatnonzero(np.asarray(ds.visits.split) == sid)
-    out = [model.score(patients[vids[lo:lo + batch]], kg).float().cpu()
+    out = [model.score(patients[vids[lo:lo + batch]]).float().cpu()
            for lo in range(0, len(vids), batch)]
     return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
 
 
-def evaluate_split(model: nn.Module, kg: KGCSR | None, ds: KGDataset, split: str,
-                   *, batch_size: int = 1024, device: str = "cpu") -> dict[str, float]:
+def evaluate_split(model: Recommender, ds: KGDataset, split: str, *, batch_size: int = 1024,
+                   device: str = "cpu") -> dict[str, float]:
     """Ranking metrics of ``split`` (``"valid"`` or ``"test"``), plus ``med_*`` metrics for a
-    dataset with a visit split (module docstring). ``kg``: the graph the model scores with."""
+    dataset with a visit split (module docstring), with the model's current state."""
     if split not in SPLIT_ID:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model.eval()
     target = ds.valid if split == "valid" else ds.test
     exclude: list[sp.spmatrix] = [ds.train] if split == "valid" else [ds.train, ds.valid]
-    out = ranking_metrics(_score_fn(model, kg, ds, split), None, target, exclude=exclude,
+    out = ranking_metrics(_score_fn(model, ds, split), None, target, exclude=exclude,
                           ks=KS, batch_size=batch_size, device=device)
     if has_visit_split(ds):
         assert ds.visits is not None
-        scores, vids = _visit_scores(model, kg, ds, split, batch_size)
+        scores, vids = _visit_scores(model, ds, split, batch_size)
         train_sizes = np.diff(np.asarray(ds.visits.med_ptr))[np.asarray(ds.visits.split) == 0]
         truth = visit_med_matrix(ds.visits, ds.n_items, SPLIT_ID[split])
         pairs = (ds.triplets_of("ddi") if "ddi" in ds.relation_names

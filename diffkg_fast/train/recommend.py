@@ -31,11 +31,11 @@ import torch
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.model.diffkg import DiffKG
 from diffkg_fast.model.patients import codes_to_entities, patient_code_matrix, row_mean_csr
 from diffkg_fast.ops.graph import torch_csr
-from diffkg_fast.train.commands import FORMATS, LoadedRun, load_run
-from diffkg_fast.train.evaluation import has_visit_split, use_codes
+from diffkg_fast.train.evaluation import has_visit_split
+from diffkg_fast.train.output import FORMATS
+from diffkg_fast.train.run_folder import LoadedRun, load_run
 
 __all__ = ["cmd_recommend", "ddi_pairs", "format_example", "format_recommendations",
            "recommend", "split_codes"]
@@ -70,11 +70,12 @@ def _has_ddi(ds: KGDataset) -> bool:
 
 def _model_desc(run: LoadedRun) -> str:
     """Why a model cannot score codes, in the config's own words."""
-    if run.cfg.model != "diffkg":
-        return run.cfg.model
-    if not run.cfg.patient_codes:
-        return "diffkg with patient_codes=false"
-    return "diffkg trained on a dataset without visits"
+    name, codes = run.config["model"], run.config.get("patient_codes")
+    if codes is None:
+        return name
+    if not codes:
+        return f"{name} with patient_codes=false"
+    return f"{name} trained on a dataset without visits"
 
 
 def _scores(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
@@ -82,20 +83,20 @@ def _scores(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
     """Scores of every item for the patient of :func:`recommend` (arguments checked there)."""
     ds, model = run.ds, run.model
     users = None if patient is None else torch.tensor([patient], dtype=torch.long)
-    if not use_codes(model):
+    if not model.scores_codes:
         assert users is not None  # codes without a code model were refused by the caller
-        return model.score(users, run.kg)[0].float().cpu().numpy()
-    assert isinstance(model, DiffKG) and ds.visits is not None
+        return model.score(users)[0].float().cpu().numpy()
+    assert ds.visits is not None
     ents = codes_to_entities(ds.entity_codes, diagnoses, procedures)
     if patient is not None:
         known = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,))[patient]
         ents = np.union1d(ents, known.indices.astype(np.int64))
-        if not len(ents) and not bool(model.has_train[patient]):
+        if not len(ents) and ds.train[patient].count_nonzero() == 0:
             # Neither codes nor a trained ID embedding: every score would be 0.
             raise DataError(f"patient {patient} has no training visits; give its codes with "
                             "--diagnoses / --procedures", field="--patient")
     row = row_mean_csr(np.zeros(len(ents), np.int64), ents, (1, ds.n_entities))
-    return model.score_codes(torch_csr(row), run.kg, users)[0].float().cpu().numpy()
+    return model.score_codes(torch_csr(row), users)[0].float().cpu().numpy()
 
 
 # ------------------------------------------------------------------ recommend
@@ -121,11 +122,11 @@ def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequenc
     if not diagnoses and not procedures and patient is None:
         raise DataError("give at least one code (--diagnoses / --procedures) or --patient ID",
                         field="--diagnoses")
-    if (diagnoses or procedures) and not use_codes(run.model):
+    if (diagnoses or procedures) and not run.model.scores_codes:
         raise DataError(f"this run's model ({_model_desc(run)}) cannot use diagnosis or "
-                        "procedure codes: only DiffKG with patient_codes=true, trained on a "
-                        "dataset with visits, scores codes; pass --patient ID instead",
-                        field="--diagnoses")
+                        "procedure codes: only a model that scores codes (DiffKG with "
+                        "patient_codes=true, trained on a dataset with visits) does; pass "
+                        "--patient ID instead", field="--diagnoses")
     scores = _scores(run, diagnoses, procedures, patient)
     items = [int(i) for i in np.argsort(-scores, kind="stable")[:top]]
     known = set() if patient is None else set(ds.train[patient].indices.tolist())
@@ -247,7 +248,7 @@ def format_example(run: LoadedRun, top: int = DEFAULT_TOP) -> str:
     proc = [ds.entity_codes[e] for e in v.proc[v.proc_ptr[vid]:v.proc_ptr[vid + 1]]]
     head = (f"\nexample: recommend for diagnoses {_short([c.partition(':')[2] for c in diag])} "
             f"procedures {_short([c.partition(':')[2] for c in proc])}")
-    if use_codes(run.model):
+    if run.model.scores_codes:
         rows = recommend(run, diag, proc, None, top)
         return head + "\n" + format_recommendations(rows, ddi=_has_ddi(ds))
     p = int(v.patient[vid])

@@ -25,7 +25,6 @@ __all__ = ["CURVES", "TB_DIR", "VIZ_HINT", "RunReporter", "plot_curves", "progre
 CURVES = "curves.png"
 TB_DIR = "tb"
 VIZ_HINT = "pip install 'diffkg-fast[viz]'"
-LOSS_KEYS = ("total", "bpr", "code_bpr", "cl", "diff_loss")
 VAL_KEYS = ("recall@10", "recall@20", "recall@40", "ndcg@20")
 
 T = TypeVar("T")
@@ -75,7 +74,7 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> None:
     fig = Figure(figsize=(15, 4.2))
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.91, wspace=0.22)
     ax_loss, ax_val, ax_time = fig.subplots(1, 3)
-    for key in LOSS_KEYS:
+    for key in dict.fromkeys(k for h in history for k in h.get("loss") or {}):
         xs, ys = _series(history, "loss", key)
         if xs:
             ax_loss.plot(xs, ys, marker="o", markersize=3, label=key)
@@ -167,3 +166,23 @@ class RunReporter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+def epoch_line(record: dict[str, Any], metric: str) -> str:
+    """The log line of one epoch: RecBole's ``epoch N  train_loss: …  valid …`` first, then the
+    loss parts, the epoch's facts (``kg_edges``) and the seconds of each phase."""
+    loss, val, times = record["loss"], record["val"], record["time"]
+    ndcg = metric.replace("recall", "ndcg")
+    head = [f"epoch {record['epoch']}"]
+    if "total" in loss:  # a model with nothing to train has no loss
+        head.append(f"train_loss: {loss['total']:.4f}")
+    nan = float("nan")
+    head.append(f"valid {metric}: {val.get(metric, nan):.4f} {ndcg}: {val.get(ndcg, nan):.4f}"
+                if val
+                else "valid: not evaluated this epoch")
+    head.append(f"({sum(times.values()):.1f} s)")
+    details = [f"{k} {v:.4f}" for k, v in loss.items() if k != "total"]
+    details += [f"{k} {v}" for k, v in record["info"].items()]
+    phases = " ".join(f"{p} {s:.2f}s" for p, s in times.items())
+    return "  ".join(head) + "  [" + " ".join([*details, "|", phases] if details
+                                             else [phases]) + "]"

@@ -1,0 +1,150 @@
+"""DiffKG's diffusion side: a denoiser over KG rows, trained by its own Adam, and the KG rebuild.
+
+(Jiang et al., WSDM 2024, sections 3.2–3.3; HKUDS/DiffKG ``Model.py`` / ``Main.py``.) Each row
+``x0`` of the binary entity × entity KG adjacency (inverses included) is a sample::
+
+    x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     t ~ U{0 … steps-1}
+    x̂0    = f(x_t, t)                                    (the denoiser: 2-layer MLP, tanh)
+    loss  = (1-λ) mean_b[w_t ‖x0 - x̂0‖² / E] + λ mean_b[‖x̂0[:, :I] (Rᵀ U) - E_b‖² / d]
+
+with ``w_t = SNR(t-1) - SNR(t)`` and the CKGC term (λ = ``e_loss``) pulling each denoised row's
+item part, mixed by the users' embeddings ``Rᵀ U``, towards the entity's own embedding. Only the
+denoiser learns from it (the user and entity tables are detached). The rebuild denoises every
+entity row (no noise added, ``sampling_steps = 0``), keeps the top ``rebuild_k`` columns of each,
+adds their reverses, keeps the pairs of the original KG with their relation, and keeps each of
+those with probability ``keepRate``: the denoised KG of the epoch, a subset of the original.
+
+The math of each step lives in :mod:`diffkg_fast.ops.diffusion` (the reference) and its fused
+kernels; this module owns the state (denoiser, optimiser, random streams) and the two passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from diffkg_fast.ops.diffusion import (
+    Denoiser,
+    DiffusionSchedule,
+    diffusion_loss,
+    draw_timesteps_noise,
+    kg_rows,
+    sample_topk,
+)
+from diffkg_fast.ops.graph import KGCSR, torch_csr
+from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.utils.seed import rng_stream
+
+__all__ = ["KGDiffusion"]
+
+
+class KGDiffusion(nn.Module):
+    """The denoiser of the KG ``kg`` (with inverses, on the model's device), its Adam and its
+    random streams (``diffusion``: row order, timesteps and noise; ``rebuild``: the keepRate
+    draws), all part of :meth:`state_dict` (the optimiser and streams as extra state).
+
+    ``train``: the training interactions (``n_users × n_items``) of the CKGC term. ``init``:
+    the generator of the denoiser's initial weights (default: stream ``init`` of ``seed``).
+    Option names and defaults are DiffKG's ``Params.py`` (``dims`` the hidden size, one layer;
+    ``denoiser_dropout`` is the input dropout DiffKG hard-codes at 0.5).
+    """
+
+    def __init__(self, kg: KGCSR, n_items: int, train: sp.spmatrix, *,
+                 dims: Sequence[int] = (1000,), d_emb_size: int = 10, norm: bool = True,
+                 steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4,
+                 noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
+                 e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
+                 diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
+                 seed: int = 421, init: torch.Generator | None = None) -> None:
+        super().__init__()
+        dev = kg.rowptr.device
+        self.kg, self.n_items = kg, n_items
+        self.steps, self.sampling_steps, self.rebuild_k = steps, sampling_steps, rebuild_k
+        self.e_loss, self.keep_rate, self.batch = e_loss, keepRate, batch
+        self.precision = diffusion_precision
+        self.denoiser = Denoiser(kg.n_entities, dims[0], d_emb_size, norm=norm,
+                                 dropout=denoiser_dropout,
+                                 generator=rng_stream(seed, "init") if init is None else init,
+                                 device=dev)
+        self.opt = torch.optim.Adam(self.denoiser.parameters(), lr=lr)
+        self.schedule = DiffusionSchedule(steps, noise_scale, noise_min, noise_max)
+        # R^T (I × U), for R^T U_emb once per pass.
+        self.rt = torch_csr((sp.csr_matrix(train) != 0).T.astype(np.float32), dev)
+        self.rows = torch.arange(kg.n_entities, device=dev)
+        self.generators = {name: rng_stream(seed, name) for name in ("diffusion", "rebuild")}
+
+    def forward(self, x0: Tensor, t: Tensor, noise: Tensor, r_t_u: Tensor, ent_rows: Tensor,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The diffusion + CKGC loss of one batch of KG rows (``x0``: B × E)."""
+        return diffusion_loss(self.denoiser, x0, t, noise, self.schedule, self.n_items, r_t_u,
+                              ent_rows, self.e_loss, precision=self.precision)
+
+    def train_pass(self, user: Tensor, entity: Tensor, limit: int | None = None,
+                   ) -> dict[str, float]:
+        """One Adam pass over every entity row (shuffled, ``batch`` rows a step; the first
+        ``limit`` batches only, for benchmarks) against the tables ``user`` (U × d) and
+        ``entity`` (N × d); returns the mean loss parts."""
+        kg, gen = self.kg, self.generators["diffusion"]
+        self.denoiser.train()
+        with torch.no_grad():
+            r_t_u = torch.sparse.mm(self.rt, user.detach())  # I × d, once per pass
+            ent = entity.detach()
+        perm = torch.randperm(kg.n_entities, generator=gen).to(ent.device)
+        if ent.device.type != "cpu":
+            # Off the CPU the B × E noise is drawn on the device, from a generator seeded by the
+            # CPU one once per pass (so a seed and a resume still fix it): on the host one
+            # Alibaba-size batch of noise takes 1.5 s to draw here (1024 × 89,196 normals, two
+            # threads), ~80× the denoiser's GEMMs of that batch on an H200 (estimated from the
+            # card's fp32 rate, not measured), plus a 365 MB copy.
+            gen = torch.Generator(ent.device).manual_seed(
+                int(torch.randint(2**62, (1,), generator=gen)))
+        sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
+        n_batches = 0
+        for start in range(0, kg.n_entities, self.batch):
+            if limit is not None and n_batches >= limit:
+                break
+            rows = perm[start:start + self.batch]
+            x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
+            t, noise = draw_timesteps_noise(x0, self.steps, gen)
+            loss, parts = self(x0, t, noise, r_t_u, ent[rows])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            sums["diff_loss"] += float(loss.detach())
+            sums["diff"] += float(parts["diff"])
+            sums["ckgc"] += float(parts["ckgc"])
+            n_batches += 1
+        return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def rebuild(self, limit: int | None = None) -> KGCSR:
+        """The denoised KG (a subset of ``kg``'s edges, with their relations).
+
+        ``limit`` (benchmarks): denoise only the first ``limit`` batches of rows."""
+        kg, gen = self.kg, self.generators["rebuild"]
+        self.denoiser.eval()
+        rows = self.rows if limit is None else self.rows[:limit * self.batch]
+        _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows, self.schedule,
+                             self.rebuild_k, batch_size=self.batch,
+                             sampling_steps=self.sampling_steps, generator=gen,
+                             precision=self.precision)
+        h, t, rel = rebuild_kg(idx, (kg.row, kg.col, kg.rel), self.keep_rate, gen, rows=rows,
+                               n_entities=kg.n_entities)
+        return KGCSR.from_triplets(torch.stack((h, rel, t), 1), kg.n_entities, kg.n_relations)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(),
+                "generators": {k: g.get_state() for k, g in self.generators.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        if set(state["generators"]) != set(self.generators):
+            raise ValueError(f"random streams {sorted(state['generators'])} in the state, "
+                             f"expected {sorted(self.generators)}")
+        for name, g in self.generators.items():
+            g.set_state(state["generators"][name])

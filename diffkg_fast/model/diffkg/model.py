@@ -1,0 +1,239 @@
+"""DiffKG (Jiang, Yang, Xia, Huang: "DiffKG: Knowledge Graph Diffusion Model for
+Recommendation", WSDM 2024), as one self-contained module with its diffusion inside.
+
+    ent, u, i   = KGEncoder(kg1)                 RGAT over the KG, LightGCN over users + items
+    y_ui        = <u, i>
+    loss        = BPR(u) [+ BPR(C ent)] + reg sum ||theta||^2
+                  + ssl_reg (InfoNCE_users(view1, view2) + InfoNCE_items(view1, view2))
+
+Every epoch :meth:`DiffKG.on_epoch_start` trains the denoiser one pass over the KG rows and
+rebuilds the denoised KG (:class:`~diffkg_fast.model.diffkg.diffusion.KGDiffusion`); view 1 (the
+BPR view, and the one scores use) is that denoised KG with ``cl_pattern = 0`` and the original
+(``triplet_num``-sampled) KG with ``cl_pattern = 1``; view 2 is the other one. The epoch order is
+DiffKG's ``Main.py``: negatives, diffusion pass, rebuild, BPR + contrastive steps, ranking.
+
+Options and their defaults are DiffKG's ``Params.py`` (HKUDS/DiffKG; ``keepRate`` 0.5 as in
+commit b6bd81e, a later commit sets 0.1), names included, so a published command line maps one
+to one. Beyond ``Params.py``: ``use_diffusion=False`` (the diffusion-free ablation: no denoiser is
+built, both views are the sampled original KG), ``patient_codes`` (patients described by their
+diagnoses and procedures, ``docs/patients-by-codes.md``; ``False`` is DiffKG as published),
+``denoiser_dropout`` (DiffKG hard-codes 0.5), ``diffusion_precision`` (the denoiser's GEMMs:
+``fp32``, ``tf32``, ``bf16``). ``lr`` and ``batch`` serve both the recommender's and the
+denoiser's Adam, as in ``Params.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from diffkg_fast.model.base import EmbeddingRecommender, EpochReport, PairBatch, check_options
+from diffkg_fast.model.diffkg.diffusion import KGDiffusion
+from diffkg_fast.model.diffkg.encoder import KGEncoder
+from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
+from diffkg_fast.model.patients import patient_code_matrix
+from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
+from diffkg_fast.utils.seed import rng_stream
+
+__all__ = ["DiffKG"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+class DiffKG(EmbeddingRecommender):
+    """DiffKG on ``n_users`` users and ``n_items`` items, items being the KG entities
+    ``0 … n_items-1`` of ``n_entities``.
+
+    Args:
+        train: training interactions (``n_users × n_items``, nonzero = 1).
+        kg: ``(n, 3)`` integer ``(h, r, t)`` triplets, relations in ``[0, n_relations)``;
+            inverses are added (``2 n_relations`` relation rows), one relation per pair.
+        codes: ``n_users × n_entities`` row-mean CSR of each patient's TRAINING codes
+            (:func:`~diffkg_fast.model.patients.patient_code_matrix`), or ``None``.
+
+    Every random draw comes from a stream of ``seed`` (``init``, ``neighbours``, ``dropout``,
+    ``diffusion``, ``rebuild``; :func:`~diffkg_fast.utils.seed.rng_stream`), except the
+    denoiser's input dropout, which draws from torch's global generator as DiffKG's does.
+    """
+
+    name = "diffkg"
+    phases = ("diffusion", "rebuild")
+
+    def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
+                 train: sp.spmatrix, kg: np.ndarray, codes: sp.spmatrix | None = None, *,
+                 latdim: int = 64, gnn_layer: int = 2, layer_num_kg: int = 1,
+                 mess_dropout_rate: float = 0.1, res_lambda: float = 0.5,
+                 triplet_num: int = 10, reg: float = 1e-7, ssl_reg: float = 0.1,
+                 temp: float = 0.1, cl_pattern: int = 0, use_diffusion: bool = True,
+                 dims: Sequence[int] = (1000,), d_emb_size: int = 10, norm: bool = True,
+                 steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4,
+                 noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
+                 e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
+                 diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
+                 seed: int = 421, device: str = "cpu") -> None:
+        super().__init__()
+        self.check_options(locals())
+        dev = torch.device(device)
+        self.n_users, self.n_items, self.n_entities = n_users, n_items, n_entities
+        self.reg, self.ssl_reg, self.temp, self.cl_pattern = reg, ssl_reg, temp, cl_pattern
+        # Built in this order, each from its own stream: the attention edge set is sampled once
+        # at build, as DiffKG does.
+        adj = norm_adjacency(train, n_users, n_items).to(dev)
+        self.kg_full = KGCSR.from_kg(kg, n_entities, n_relations).to(dev)
+        self.kg_sampled = self.kg_full.sample_neighbours(triplet_num,
+                                                         rng_stream(seed, "neighbours"))
+        self.kg_denoised: KGCSR | None = None
+        init = rng_stream(seed, "init")
+        self.encoder = KGEncoder(
+            n_users, n_items, n_entities, self.kg_full.n_relations, adj,
+            None if codes is None else torch_csr(codes, dev), latdim=latdim,
+            gnn_layer=gnn_layer, layer_num_kg=layer_num_kg, mess_dropout_rate=mess_dropout_rate,
+            res_lambda=res_lambda, generator=init).to(dev)
+        self.dropout_generator = rng_stream(seed, "dropout")
+        self.diffusion = None if not use_diffusion else KGDiffusion(
+            self.kg_full, n_items, train, dims=dims, d_emb_size=d_emb_size, norm=norm,
+            steps=steps, noise_scale=noise_scale, noise_min=noise_min, noise_max=noise_max,
+            sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
+            denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
+            batch=batch, seed=seed, init=init)
+
+    @classmethod
+    def from_dataset(cls, ds: Any, *, patient_codes: bool = True, **options: Any) -> DiffKG:
+        """DiffKG for a :class:`~diffkg_fast.data.dataset.KGDataset`; with ``patient_codes``
+        and a dataset with visits, patients are also described by their training codes."""
+        codes = (patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,))
+                 if patient_codes and ds.visits is not None else None)
+        return cls(ds.n_users, ds.n_items, ds.n_entities, ds.n_relations, ds.train, ds.kg,
+                   codes, **options)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options, positive=("latdim", "steps", "rebuild_k", "temp", "noise_scale", "lr",
+                               "batch", "d_emb_size"),
+            non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
+                          "noise_min", "noise_max", "seed"),
+            unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout"),
+            choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS})
+        dims = options.get("dims", (1000,))
+        if len(dims) != 1 or int(dims[0]) < 1:
+            # The denoiser (ops.diffusion.Denoiser) has one hidden layer, as DiffKG's default.
+            raise ValueError(f"dims must be one positive hidden size, got {list(dims)}")
+        if options.get("sampling_steps", 0) > options.get("steps", 5):
+            raise ValueError(f"sampling_steps={options['sampling_steps']} > "
+                             f"steps={options['steps']}")
+        if options.get("triplet_num", 10) < -1:
+            raise ValueError(f"triplet_num must be -1 (all) or >= 0, got "
+                             f"{options['triplet_num']}")
+
+    # ------------------------------------------------------------------ graphs
+    def views(self) -> tuple[KGCSR, KGCSR]:
+        """``(view 1, view 2)`` of this epoch: the denoised and the sampled original KG, in the
+        order ``cl_pattern`` gives; both the sampled KG without diffusion (or before the first
+        rebuild)."""
+        den = self.kg_sampled if self.kg_denoised is None else self.kg_denoised
+        return (den, self.kg_sampled) if self.cl_pattern == 0 else (self.kg_sampled, den)
+
+    def epoch_info(self) -> dict[str, Any]:
+        return {"kg_edges": self.views()[0].n_edges}
+
+    def on_epoch_start(self, epoch: int, limit_batches: int | None = None) -> EpochReport:
+        """One denoiser pass over the KG rows, then the rebuild of this epoch's denoised KG."""
+        if self.diffusion is None:
+            return EpochReport({}, {}, {})
+        t0 = time.perf_counter()
+        losses = self.diffusion.train_pass(self.encoder.user, self.encoder.entity,
+                                           limit_batches)
+        t1 = time.perf_counter()
+        self.kg_denoised = self.diffusion.rebuild(limit_batches)
+        times = {"diffusion": t1 - t0, "rebuild": time.perf_counter() - t1}
+        return EpochReport(losses, times, {})
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Adam over the recommender (the encoder); the denoiser has its own."""
+        return torch.optim.Adam(self.encoder.parameters(), lr=lr)
+
+    def forward(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """BPR on view 1 + L2 + ``ssl_reg`` InfoNCE between the views over the batch's users
+        and positive items: two graph forwards (one when ``ssl_reg = 0``).
+
+        With patient codes, a second BPR term ranks with the code representation ALONE, so that
+        a patient known only by codes (held out, or new) is ranked by a trained vector."""
+        kg1, kg2 = self.views()
+        users, pos, neg = batch
+        v1 = self.encoder(kg1, self.dropout_generator)
+        bpr = bpr_loss(v1.users[users], v1.items[pos], v1.items[neg])
+        parts = {"bpr": bpr.detach()}
+        if v1.codes is not None:
+            code_bpr = bpr_loss(v1.codes[users], v1.items[pos], v1.items[neg])
+            bpr = bpr + code_bpr
+            parts["code_bpr"] = code_bpr.detach()
+        reg = l2_reg(self.encoder.parameters(), self.reg)
+        total = bpr + reg
+        parts.update(reg=reg.detach(), cl=torch.zeros((), device=bpr.device))
+        if self.ssl_reg > 0:
+            v2 = self.encoder(kg2, self.dropout_generator)
+            cl = (info_nce(v1.users, v2.users, users, self.temp)
+                  + info_nce(v1.items, v2.items, pos, self.temp))
+            total = total + self.ssl_reg * cl
+            parts["cl"] = cl.detach()
+        return total, parts
+
+    # ------------------------------------------------------------------ scoring
+    def _scoring_key(self) -> object:
+        return self.views()[0]
+
+    def _eval_outputs(self) -> tuple[Tensor, ...]:
+        e = self.encoder(self.views()[0])
+        return e.users, e.items, e.u_prop, e.ent
+
+    @property
+    def scores_codes(self) -> bool:
+        return self.encoder.codes is not None
+
+    @torch.no_grad()
+    def score_codes(self, codes: Tensor, users: Tensor | None = None) -> Tensor:
+        """Scores of patients given by code rows: the mean RGAT embedding of their codes, plus,
+        with ``users``, each one's propagated ID embedding (masked for a patient without
+        training interactions). Works without training codes too (``scores_codes`` says
+        whether the model was trained to rank this way)."""
+        _, items, u_prop, ent = self._cached()
+        u = torch.sparse.mm(codes.to(ent.device), ent)
+        if users is not None:
+            users = users.to(u.device)
+            u = u + u_prop[users] * self.encoder.has_train[users]
+        return u @ items.T
+
+    def scoring_state(self) -> dict[str, Any]:
+        """Everything but the diffusion side (the denoiser, its optimiser and streams)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("diffusion.")}
+
+    def load_scoring_state(self, state: Mapping[str, Any]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("diffusion.")]
+        if missing or unexpected:
+            raise RuntimeError(f"scoring state does not fit: missing {missing}, "
+                               f"unexpected {unexpected}")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"kg_sampled": torch.from_numpy(self.kg_sampled.to_triplets()),
+                "kg_denoised": (None if self.kg_denoised is None
+                                else torch.from_numpy(self.kg_denoised.to_triplets())),
+                "dropout": self.dropout_generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Rows are stored in CSR order and from_triplets sorts stably: edge-for-edge the same.
+        def graph(triplets: Tensor) -> KGCSR:
+            return KGCSR.from_triplets(triplets, self.n_entities, self.kg_full.n_relations
+                                       ).to(self.kg_full.rowptr.device)
+
+        self.kg_sampled = graph(state["kg_sampled"])
+        self.kg_denoised = None if state["kg_denoised"] is None else graph(state["kg_denoised"])
+        self.dropout_generator.set_state(state["dropout"])

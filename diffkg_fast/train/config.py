@@ -1,0 +1,238 @@
+"""The config of a run: the trainer's settings and the model's options, in one flat mapping.
+
+A config is what a user types: ``--set reg=1e-5``, ``--reg 1e-5`` and ``reg: 1e-5`` in a file all
+name the key ``reg``. The valid keys are the trainer's (:class:`TrainConfig`) and the chosen
+model's options (:meth:`~diffkg_fast.model.base.Recommender.options`, read from its signature);
+a key both take (``lr``, ``batch``, ``seed``, ``device`` for DiffKG) has one value for both.
+
+Precedence: defaults (the trainer's and the model's) ← ``--preset`` ← ``--config FILE`` ←
+``--set`` and flags ← ``--device``. Every key and type is checked, and every value's range,
+before any data is loaded: a bad value is a :class:`DataError` naming the key (and the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from diffkg_fast.data.build import check_type
+from diffkg_fast.data.errors import DataError
+from diffkg_fast.eval.ranking import KS
+from diffkg_fast.model.base import Recommender
+from diffkg_fast.model.registry import get_model
+from diffkg_fast.train.config_file import load_config_file
+from diffkg_fast.train.presets import preset as preset_values
+
+__all__ = ["RunConfig", "TrainConfig", "config_defaults", "explicit_values", "make_config",
+           "resolve_config"]
+
+_SEED_LIMIT = 2**62  # every random stream's seed (seed + 7919 * index) stays an int64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The trainer's settings. Defaults: DiffKG's ``Params.py`` (``epoch``, ``batch``, ``tstBat``
+    as ``test_batch``, ``lr``, ``seed``, ``topk``, ``tstEpoch`` as ``eval_every``).
+
+    - ``model``: a registered model (:data:`~diffkg_fast.model.registry.MODELS`);
+    - ``topk``: K of the validation Recall@K that selects the best epoch (one of 10, 20, 40);
+    - ``patience``: stop after this many evaluations without a better one (``None`` or 0: run
+      every epoch); the best validated epoch is always the one kept;
+    - ``eval_every``: validate every this many epochs (and after the last one);
+    - ``device``: ``cpu``, ``cuda`` or ``cuda:N``: where the model and its graphs live.
+    """
+
+    model: str = "diffkg"
+    epoch: int = 25
+    batch: int = 1024
+    test_batch: int = 1024
+    lr: float = 1e-3
+    seed: int = 421
+    topk: int = 20
+    patience: int | None = None
+    eval_every: int = 1
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range."""
+        get_model(self.model)
+        for name in ("epoch", "batch", "test_batch", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
+        if self.topk not in KS:
+            raise ValueError(f"topk must be one of the evaluated cut-offs {KS}, got {self.topk}")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"patience must be >= 0 or none, got {self.patience}")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
+
+
+def _plain(value: Any) -> Any:
+    """A default as a config value: tuples become lists (what JSON and YAML give back)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_defaults(model: str) -> dict[str, Any]:
+    """Every valid key of a run of ``model`` and its default: the trainer's, then the model's
+    own options (a shared key keeps the trainer's default, which the model's must equal)."""
+    out = {k: _plain(v) for k, v in asdict(TrainConfig(model=model)).items()}
+    for key, default in get_model(model).options().items():
+        out.setdefault(key, _plain(default))
+    return out
+
+
+class RunConfig(Mapping[str, Any]):
+    """A complete, validated config: every key of :func:`config_defaults` with its value.
+
+    A read-only mapping (``cfg["reg"]``); :attr:`train` is the trainer's part and
+    :meth:`model_options` what the model's ``from_dataset`` takes. ``to_dict()`` is what
+    ``config.json`` and the checkpoint hold.
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        model = values.get("model", TrainConfig.model)
+        expected = config_defaults(model)
+        unknown = sorted(set(values) - set(expected))
+        if unknown:
+            raise ValueError(f"unknown config keys for model {model!r}: {unknown}")
+        self._values = {**expected, **values}
+        self.train = TrainConfig(**{k: self._values[k] for k in TRAIN_KEYS})
+        self.train.validate()
+        self.model_cls: type[Recommender] = get_model(model)
+        self.model_cls.check_options(self.model_options())
+
+    def model_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``model_cls.from_dataset``."""
+        return {k: self._values[k] for k in self.model_cls.options()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"RunConfig({self._values!r})"
+
+
+def _excerpt(value: Any) -> str:
+    """A bounded ``repr``: a hostile value (a YAML alias bomb) never prints whole."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, 60, 60
+    return short.repr(value)
+
+
+def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
+    """Type-check ``value`` against the key's default (the same rules as ``data build --set``).
+    """
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(what: str) -> DataError:
+        return DataError(f"expected {what}, got {_excerpt(value)}", path=where, field=key)
+
+    if key == "patience":  # the one optional key: none means "no early stopping"
+        if value is not None and not is_int(value):
+            raise bad("an integer or none")
+        return value
+    if isinstance(default, list):  # dims: "32", "[32]" or a list
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad("a list of integers") from None
+        if is_int(value):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(is_int(v) for v in value):
+            raise bad("a list of integers")
+        return list(value)
+    return check_type(key, value, default, where)
+
+
+def _model_of(layers: list[tuple[Mapping[str, Any], str | None]], default: str) -> str:
+    """The model the layers select: the last one that names it, else ``default``."""
+    for values, where in reversed(layers):
+        if "model" in values:
+            name = values["model"]
+            if not isinstance(name, str):
+                raise DataError(f"expected a model name, got {_excerpt(name)}", path=where,
+                                field="model")
+            get_model(name)
+            return name
+    return default
+
+
+def explicit_values(config_file: str | None = None, sets: Mapping[str, Any] | None = None,
+                    device: str | None = None, preset: str | None = None,
+                    model: str = TrainConfig.model) -> dict[str, Any]:
+    """The values given explicitly, later sources winning (``preset`` ← file ← ``sets`` ←
+    ``device``), each key checked against the selected model (``model`` unless a source names
+    one) and type-coerced.
+
+    A preset key the model does not take is skipped (presets are a dataset's DiffKG settings);
+    any other unknown key is a :class:`DataError` listing the valid ones.
+    """
+    layers: list[tuple[Mapping[str, Any], str | None]] = []
+    if preset is not None:
+        layers.append((preset_values(preset), f"preset {preset!r}"))
+    if config_file is not None:
+        layers.append((load_config_file(config_file), str(config_file)))
+    layers.append((sets or {}, None))
+    defaults = config_defaults(_model_of(layers, model))
+    out: dict[str, Any] = {}
+    for values, where in layers:
+        for key, value in values.items():
+            if key not in defaults:
+                if where is not None and where.startswith("preset "):
+                    continue
+                raise DataError(f"unknown config key; valid keys: {sorted(defaults)}",
+                                path=where, field=key)
+            out[key] = _coerce(key, value, defaults[key], where)
+    if device is not None:
+        out["device"] = device
+    return out
+
+
+def make_config(**values: Any) -> RunConfig:
+    """A config from keyword values over the defaults (the Python API's
+    ``make_config(model="lightgcn", epoch=3)``); a bad value is a :class:`DataError`."""
+    return resolve_config(sets=values)
+
+
+def resolve_config(config_file: str | None = None, sets: Mapping[str, Any] | None = None,
+                   device: str | None = None, preset: str | None = None) -> RunConfig:
+    """Defaults ← ``preset`` ← ``config_file`` (JSON/YAML) ← ``sets`` ← ``device``, checked.
+
+    The more specific source wins, so a preset can be tuned by a file and a file by one
+    ``--set``. Asking for CUDA on a machine without it is refused here, before any work.
+    """
+    values = explicit_values(config_file, sets, device, preset)
+    try:
+        cfg = RunConfig(values)
+    except ValueError as exc:  # the validators name the key out of range
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(str(exc), field="config") from exc
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("CUDA is not available on this machine", field="device")
+    return cfg

@@ -1,0 +1,101 @@
+"""Training batches: every training interaction once per epoch, shuffled, with one uniform
+negative each (DiffKG's ``TrnData.negSampling`` and loader, vectorised).
+
+The two draws come from their own streams of the run's seed (``negatives``, ``shuffle``;
+:func:`~diffkg_fast.utils.seed.rng_stream`), so the batches of an epoch depend on the seed and
+the epoch number only, never on the model or on what else drew random numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from diffkg_fast.model.base import PairBatch
+from diffkg_fast.utils.seed import rng_stream
+
+__all__ = ["PairSampler", "interactions", "sample_negatives"]
+
+
+def sample_negatives(users: Tensor, pos_keys: Tensor, n_items: int,
+                     generator: torch.Generator | None = None, max_rounds: int = 100_000,
+                     ) -> Tensor:
+    """One uniform non-positive item per entry of ``users`` (n,) int64 → (n,) int64.
+
+    ``pos_keys``: the SORTED keys ``user * n_items + item`` of all positives. Every entry draws
+    uniformly in ``[0, n_items)``; collisions with a positive are found with one
+    ``searchsorted`` over the keys and only those are redrawn, round after round, so the result
+    is uniform over each user's non-positive items. A round costs O(n_left log nnz); at
+    density p the number left shrinks by ~p per round (synthetic default: 142k interactions,
+    density 0.2, 0.03 s in all). A user whose positives cover every item raises ``ValueError``.
+    """
+    users = users.to(torch.int64)
+    if users.numel() == 0:
+        return users.clone()
+    deg = torch.bincount(pos_keys // n_items, minlength=int(users.max()) + 1)
+    if bool((deg[users] >= n_items).any()):
+        raise ValueError("a user has every item as a positive: no negative exists")
+    neg = torch.randint(n_items, users.shape, generator=generator)
+    todo = torch.arange(users.numel())
+    last = pos_keys.numel() - 1
+    for _ in range(max_rounds):
+        keys = users[todo] * n_items + neg[todo]
+        pos = torch.searchsorted(pos_keys, keys).clamp_(max=last)
+        todo = todo[pos_keys[pos] == keys]
+        if todo.numel() == 0:
+            return neg
+        neg[todo] = torch.randint(n_items, (todo.numel(),), generator=generator)
+    raise RuntimeError(f"negative sampling did not converge in {max_rounds} rounds")
+
+
+def interactions(train: sp.spmatrix) -> tuple[Tensor, Tensor, Tensor]:
+    """``(users, items, sorted keys user * n_items + item)`` of the binary training matrix."""
+    m = sp.csr_matrix(train, copy=True)
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    m.sort_indices()
+    users = torch.from_numpy(np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)))
+    items = torch.from_numpy(m.indices.astype(np.int64))
+    return users, items, users * m.shape[1] + items  # canonical CSR: keys already sorted
+
+
+class PairSampler:
+    """BPR batches of ``batch`` training interactions (the last one shorter)."""
+
+    def __init__(self, train: sp.spmatrix, batch: int, seed: int) -> None:
+        self.n_items = train.shape[1]
+        self.batch = batch
+        self.users, self.items, self.keys = interactions(train)
+        self.generators = {name: rng_stream(seed, name) for name in ("negatives", "shuffle")}
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return -(-self.users.numel() // self.batch)
+
+    def negatives(self) -> Tensor:
+        """This epoch's negative of every interaction (one draw of stream ``negatives``)."""
+        return sample_negatives(self.users, self.keys, self.n_items, self.generators["negatives"])
+
+    def batches(self, neg: Tensor, limit: int | None = None) -> Iterator[PairBatch]:
+        """The epoch's batches in a shuffled order (one draw of stream ``shuffle``); the first
+        ``limit`` only (benchmarks)."""
+        perm = torch.randperm(self.users.numel(), generator=self.generators["shuffle"])
+        starts = range(0, self.users.numel(), self.batch)[:limit]
+        for start in starts:
+            b = perm[start:start + self.batch]
+            yield PairBatch(self.users[b], self.items[b], neg[b])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.generators):
+            raise ValueError(f"sampler streams {sorted(state)}, expected "
+                             f"{sorted(self.generators)}")
+        for name, g in self.generators.items():
+            g.set_state(state[name])
