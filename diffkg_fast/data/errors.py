@@ -26,6 +26,7 @@ class DataError(ValueError):
             where.append(f"line {line}")
         if field is not None:
             where.append(f"field {field!r}")
+        self.message = message  # without the place, for re-raising with a fuller one
         self.path = None if path is None else str(path)
         self.line = line
         self.field = field
