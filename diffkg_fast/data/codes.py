@@ -26,14 +26,17 @@ def bundled_path(*parts: str) -> Path:
     return Path(str(resources.files("diffkg_fast.data").joinpath("bundled", *parts)))
 
 
-def open_text(path: str | os.PathLike[str]) -> io.TextIOBase:
-    """Open ``.csv`` or ``.csv.gz`` (by content, not name) as UTF-8 text."""
+def open_bytes(path: str | os.PathLike[str]) -> io.BufferedIOBase:
+    """Open a file, gzip-compressed or not (by content, not name), as its decompressed bytes."""
     path = Path(path)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
-    if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+
+
+def open_text(path: str | os.PathLike[str]) -> io.TextIOBase:
+    """Open ``.csv`` or ``.csv.gz`` (by content, not name) as UTF-8 text."""
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8", newline="")
 
 
 @functools.lru_cache(maxsize=4)
