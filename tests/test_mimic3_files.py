@@ -127,3 +127,25 @@ def test_any_damaged_gzip_table_loads_or_names_its_file(tables: Path, cuts: list
 def test_zlib_error_is_not_an_oserror() -> None:
     """Why csvtable lists zlib.error: it is no OSError, unlike gzip.BadGzipFile."""
     assert not issubclass(zlib.error, OSError) and issubclass(gzip.BadGzipFile, OSError)
+
+
+@pytest.mark.parametrize(
+    "name, column, message",
+    [
+        ("DIAGNOSES_ICD", "ICD9_CODE", "malformed ICD-9 code 'x"),
+        ("PROCEDURES_ICD", "SUBJECT_ID", "'x"),
+        ("ADMISSIONS", "ADMITTIME", "cannot read the date 'x"),
+    ],
+)
+def test_huge_cells_are_quoted_as_excerpts(tables: Path, name: str, column: str,
+                                           message: str) -> None:
+    """A 5 MB cell in the error message would be 5 MB of message: an excerpt is quoted."""
+    lines = _text(tables, name).split(b"\r\n" if b"\r\n" in _text(tables, name) else b"\n")
+    header = [h.strip('"').upper() for h in lines[0].decode().split(",")]
+    row = lines[1].decode().split(",")
+    row[header.index(column)] = "x-" * 2_500_000  # no digit-only or date-like prefix
+    lines[1] = ",".join(row).encode()
+    (tables / f"{name}.csv.gz").write_bytes(gzip.compress(b"\n".join(lines)))
+    with pytest.raises(DataError, match=message) as info:
+        load_mimic3(tables)
+    assert len(str(info.value)) < len(str(tables)) + 400

@@ -7,6 +7,7 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffkg_fast.cli import main
@@ -144,3 +145,22 @@ def test_other_os_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> No
     assert main(["data", "build", "--source", "mimic3", "--path", str(tmp_path),
                  "--out", str(tmp_path / "x.npz")]) == 2
     _one_line(capsys, f"{tmp_path}: Permission denied")
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_write_safedrug_is_all_or_nothing(tmp_path: Path, monkeypatch, fail_at: int) -> None:
+    from diffkg_fast.data.safedrug import write_safedrug
+
+    def records(seed: int):  # with a DDI matrix: four files
+        r = random_records(10 + seed, seed=seed)
+        r.ddi_pairs = np.array([[0, 1]])
+        return r
+
+    write_safedrug(records(1), tmp_path / "old")
+    before = _tree(tmp_path / "old")
+    for out in (tmp_path / "new", tmp_path / "old"):
+        _fail_on(monkeypatch, fail_at)
+        with pytest.raises(OSError, match="No space left"):
+            write_safedrug(records(2), out)
+    assert not (tmp_path / "new").exists() and _tree(tmp_path / "old") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 
 
 def bundled_path(*parts: str) -> Path:
@@ -69,7 +69,7 @@ def atc_level(code: str) -> int:
     for level, n in ATC_LEVEL_LENGTH.items():
         if len(code) == n:
             return level
-    raise DataError(f"{code!r} is not an ATC code (length 1, 3, 4, 5 or 7)", field="ATC")
+    raise DataError(f"{excerpt(code)} is not an ATC code (length 1, 3, 4, 5 or 7)", field="ATC")
 
 
 def atc_ancestors(code: str) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffkg_fast.data.dataset import SPLITS, KGDataset, to_csr, unique_int, unique_triplets
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.utils.io import atomic_directory, atomic_write
 
 FLAT_RANGE = 3000  # ids per kind in the seed's flattened view
@@ -169,7 +169,8 @@ def _read_atomic(path: Path, fields: list[str]) -> list[list[str]]:
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n").split("\t")
         if header != fields:
-            raise DataError(f"header {header} != expected {fields}", path=path, line=1)
+            raise DataError(f"header {excerpt(header, 200)} != expected {fields}", path=path,
+                            line=1)
         rows = []
         for lineno, line in enumerate(f, start=2):
             parts = line.rstrip("\r\n").split("\t")
@@ -184,8 +185,8 @@ def _int_column(rows: list[list[str]], col: int, path: Path, field: str) -> np.n
     out = np.empty(len(rows), dtype=np.int64)
     for i, r in enumerate(rows):
         if not r[col].isdigit():
-            raise DataError(f"expected a non-negative integer token, got {r[col]!r}", path=path,
-                            line=i + 2, field=field)
+            raise DataError(f"expected a non-negative integer token, got {excerpt(r[col])}",
+                            path=path, line=i + 2, field=field)
         out[i] = int(r[col])
     return out
 

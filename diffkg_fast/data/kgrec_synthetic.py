@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from diffkg_fast.data.dataset import unique_int
-from diffkg_fast.utils.io import atomic_write
+from diffkg_fast.utils.io import atomic_directory, atomic_write
 
 
 def _format_ints(values: np.ndarray, seps: np.ndarray) -> bytes:
@@ -99,14 +98,13 @@ def write_kgat_synthetic(
     rank = np.arange(len(user)) - start[user]
     n_train = np.maximum(1, np.round(deg * 0.8).astype(np.int64))
     train = rank < n_train[user]
-    root = Path(path)
+    files: dict[str, bytes] = {}
     for fname, mask in (("train.txt", train), ("test.txt", ~train)):
         u, it = user[mask], item[mask]
         counts = np.bincount(u, minlength=n_users)
         line_users = np.flatnonzero(counts)
         ptr = np.concatenate([[0], np.cumsum(counts[line_users])])
-        with atomic_write(root / fname, "wb") as f:
-            f.write(_format_lines(line_users, ptr, it))
+        files[fname] = _format_lines(line_users, ptr, it)
 
     def draw_kg(n: int) -> np.ndarray:
         h = rng.integers(0, n_entities, n)
@@ -119,5 +117,8 @@ def write_kgat_synthetic(
     h, r = np.divmod(hr, n_relations)
     flat = np.stack([h, r, t], axis=1).ravel()
     seps = np.tile(np.array([32, 32, 10], dtype=np.uint8), len(kg))
-    with atomic_write(root / "kg_final.txt", "wb") as f:
-        f.write(_format_ints(flat, seps))
+    files["kg_final.txt"] = _format_ints(flat, seps)
+    with atomic_directory(path) as tmp:  # all three files or none
+        for fname, data in files.items():
+            with atomic_write(tmp / fname, "wb") as f:
+                f.write(data)

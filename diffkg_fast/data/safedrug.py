@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.data.records import KINDS, MedicalRecords
 from diffkg_fast.data.unpickle import NUMPY_GLOBALS, load_plain_pickle, load_safedrug_voc
-from diffkg_fast.utils.io import atomic_write
+from diffkg_fast.utils.io import atomic_directory, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -252,22 +252,9 @@ def load_safedrug(path: str | os.PathLike[str], *, stats: dict | None = None) ->
         raise DataError(str(exc), path=root) from exc
 
 
-def write_safedrug(records: MedicalRecords, path: str | os.PathLike[str]) -> None:
-    """Write ``records`` as a SafeDrug directory that :func:`load_safedrug` (and SafeDrug) reads.
-
-    Writes ``records_final.pkl``, ``voc_final.pkl``, ``ehr_adj_final.pkl`` (co-prescriptions in
-    one visit) and, when ``records.ddi_pairs`` is set, ``ddi_A_final.pkl`` (float64, like
-    SafeDrug's); otherwise an old ``ddi_A_final.pkl`` there is removed so that the directory
-    stays consistent. Each file is written atomically.
-    """
-    records.validate()
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_write(root / RECORDS_FILE, "wb") as f:
-        pickle.dump(records.to_nested(), f, protocol=4)
+def _safedrug_files(records: MedicalRecords) -> dict[str, object]:
+    """What :func:`write_safedrug` pickles, by file name."""
     vocs = {key: Voc(records.voc(kind)) for kind, key in _VOC_KEY.items()}
-    with atomic_write(root / VOC_FILE, "wb") as f:
-        pickle.dump({k: vocs[k] for k in ("diag_voc", "med_voc", "pro_voc")}, f, protocol=4)
     n_med = len(records.med_voc)
     # visit × medication incidence; M^T M counts co-prescriptions (SafeDrug's ehr_adj).
     inc = sp.csr_matrix(
@@ -276,14 +263,32 @@ def write_safedrug(records: MedicalRecords, path: str | os.PathLike[str]) -> Non
     )
     ehr = ((inc.T @ inc).toarray() > 0).astype(np.float64)
     np.fill_diagonal(ehr, 0)
-    with atomic_write(root / EHR_FILE, "wb") as f:
-        pickle.dump(ehr, f, protocol=4)
+    files = {RECORDS_FILE: records.to_nested(),
+             VOC_FILE: {k: vocs[k] for k in ("diag_voc", "med_voc", "pro_voc")},
+             EHR_FILE: ehr}
+    if records.ddi_pairs is not None:
+        pairs = np.asarray(records.ddi_pairs, dtype=np.int64).reshape(-1, 2)
+        ddi = np.zeros((n_med, n_med))
+        ddi[pairs[:, 0], pairs[:, 1]] = 1
+        ddi[pairs[:, 1], pairs[:, 0]] = 1
+        files[DDI_FILE] = ddi
+    return files
+
+
+def write_safedrug(records: MedicalRecords, path: str | os.PathLike[str]) -> None:
+    """Write ``records`` as a SafeDrug directory that :func:`load_safedrug` (and SafeDrug) reads.
+
+    Writes ``records_final.pkl``, ``voc_final.pkl``, ``ehr_adj_final.pkl`` (co-prescriptions in
+    one visit) and, when ``records.ddi_pairs`` is set, ``ddi_A_final.pkl`` (float64, like
+    SafeDrug's); otherwise an old ``ddi_A_final.pkl`` there is removed afterwards so that the
+    directory stays consistent. All files or none are written (they are moved into place from
+    a temporary folder beside ``path`` once complete).
+    """
+    records.validate()
+    root = Path(path)
+    with atomic_directory(root) as tmp:
+        for name, obj in _safedrug_files(records).items():
+            with atomic_write(tmp / name, "wb") as f:
+                pickle.dump(obj, f, protocol=4)
     if records.ddi_pairs is None:
         (root / DDI_FILE).unlink(missing_ok=True)
-        return
-    pairs = np.asarray(records.ddi_pairs, dtype=np.int64).reshape(-1, 2)
-    ddi = np.zeros((n_med, n_med))
-    ddi[pairs[:, 0], pairs[:, 1]] = 1
-    ddi[pairs[:, 1], pairs[:, 0]] = 1
-    with atomic_write(root / DDI_FILE, "wb") as f:
-        pickle.dump(ddi, f, protocol=4)
