@@ -233,11 +233,13 @@ def load_plain_pickle(
 ) -> Any:
     """Unpickle plain data (lists, dicts, ints, str, ...) plus the globals named in ``allowed``.
 
-    ``allowed`` holds ``"module.name"`` strings drawn from :data:`NUMPY_GLOBALS` (numpy arrays)
-    and :data:`SPARSE_GLOBALS` (scipy COO / CSR matrices and arrays, numpy included). Sparse
-    matrices come back as ``scipy.sparse`` ``coo_matrix`` / ``csr_matrix`` rebuilt from checked
-    state. Any other global, a corrupt or truncated file, raises :class:`DataError` naming the
-    file (and the refused global).
+    ``allowed`` holds ``"module.name"`` strings drawn from :data:`NUMPY_GLOBALS` (numpy arrays
+    and scalars, as numpy and as dill pickle them) and :data:`SPARSE_GLOBALS` (scipy COO / CSR
+    matrices and arrays, numpy included). Sparse matrices come back as ``scipy.sparse``
+    ``coo_matrix`` / ``csr_matrix`` rebuilt from checked state; a top-level array as a plain
+    ``np.ndarray`` (nested ones are of a private subclass that only checks ``__setstate__``).
+    Any other global, arguments a stand-in refuses, a corrupt or truncated file, raise
+    :class:`DataError` naming the file (and what was refused).
     """
     allowed = frozenset(allowed)
     unknown = allowed - _SAFE.keys()
