@@ -51,8 +51,19 @@ class Reduce:
     def __init__(self, func: Any, *args: object) -> None:
         self.func, self.args = func, args
 
+    state: object = None
+
     def __reduce__(self) -> tuple:
-        return self.func, self.args
+        if self.state is None:
+            return self.func, self.args
+        return self.func, self.args, self.state
+
+    @classmethod
+    def with_state(cls, call: tuple, state: object) -> Reduce:
+        """Pickles as ``call[0](*call[1])`` followed by BUILD with ``state``."""
+        r = cls(call[0], *call[1])
+        r.state = state
+        return r
 
 
 def old_dill_dumps(obj: object, protocol: int = 3, module: str = OLD_MODULES[0]) -> bytes:

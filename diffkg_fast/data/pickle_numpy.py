@@ -118,6 +118,8 @@ def resolve_dtype(obj: object) -> np.dtype:
         raise Refused(f"numpy dtype {excerpt(obj.spec)} (object or structured)")
     if base.itemsize == 0:
         raise Refused(f"unsized numpy dtype {excerpt(obj.spec)}")
+    if base.kind not in "biufcSU":  # datetimes keep their unit in state metadata, not read here
+        raise Refused(f"numpy dtype {base} (only numbers, booleans and fixed-size strings)")
     return base if obj.state is None else _checked_state_dtype(base, obj.state)
 
 
