@@ -16,22 +16,35 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffkg_fast.data.build import SOURCES, build_dataset, parse_sets
-from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.data.dataset import LOAD_FLOOR, LOAD_RATIO, KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 from diffkg_fast.train.presets import PRESETS
+from diffkg_fast.utils.io import describe_os_error
 
 _PRESET_NAMES = ", ".join(sorted(PRESETS))
+MAX_BYTES_HELP = (f"the most bytes FILE's arrays may take decompressed (default: "
+                  f"{LOAD_RATIO} x the file's size, at least {LOAD_FLOOR >> 20} MiB)")
+
+
+def _save(ds: KGDataset, out: Path) -> None:
+    try:
+        ds.save(out)
+    except OSError as exc:  # a full disk, no permission: the file under `out` is left as it was
+        raise DataError(f"cannot write the dataset: {exc.strerror or exc}", path=out) from exc
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.is_dir():  # before the build, which may take minutes
+        raise DataError("is a directory; --out names the .npz file to write", path=out)
     options = parse_sets(args.set)
     if args.name:
         options["name"] = args.name
     ds = build_dataset(args.source, args.path, **options)
-    ds.save(args.out)
+    _save(ds, out)
     print(f"built {args.source} dataset in {time.perf_counter() - t0:.2f} s -> {args.out}")
     print(format_stats(dataset_stats(ds)))
     if "source_stats" in ds.meta:  # what the preprocessing dropped, so that nothing goes unseen
@@ -41,13 +54,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = dataset_stats(KGDataset.load(args.file))
+    stats = dataset_stats(KGDataset.load(args.file, max_bytes=args.max_bytes))
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    ds = KGDataset.load(args.file)
+    ds = KGDataset.load(args.file, max_bytes=args.max_bytes)
     out = Path(args.out) if args.out else Path(args.file).with_name(
         f"{Path(args.file).stem}_{args.format}")
     for f in export_dataset(ds, args.format, out):
@@ -93,12 +106,15 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="print a dataset's statistics")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--max-bytes", type=int, metavar="N", help=MAX_BYTES_HELP)
     s.set_defaults(func=_cmd_stats)
 
     e = sub.add_parser("export", help="export a dataset for other recommender tools")
     e.add_argument("file")
     e.add_argument("--format", required=True, choices=sorted(EXPORTERS))
-    e.add_argument("--out", help="output directory (default: FILE's stem + _FORMAT)")
+    e.add_argument("--out", help="output directory (default: FILE's stem + _FORMAT); all "
+                                 "files are written, or none")
+    e.add_argument("--max-bytes", type=int, metavar="N", help=MAX_BYTES_HELP)
     e.set_defaults(func=_cmd_export)
 
     t = top.add_parser("train", help="train a registered model on a dataset",
@@ -177,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # interpreter's final flush cannot raise again (Python docs, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # a full disk, a missing permission: one line, not a traceback
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,13 +12,9 @@ import scipy.sparse as sp
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.data.kgrec import (
-    _format_ints,
-    load_diffkg,
-    load_kgat,
-    read_triplets,
-    write_kgat_synthetic,
-)
+from diffkg_fast.data.kgrec import load_diffkg, load_kgat, write_kgat_synthetic
+from diffkg_fast.data.kgrec_synthetic import _format_ints
+from diffkg_fast.data.textscan import read_triplets
 
 
 def kgat(root: Path, train: str | bytes = "0 1 2\n1 2 3\n", test: str | bytes = "0 3\n1 0\n",
@@ -246,7 +242,7 @@ def _parse(path: Path) -> list[list[int]]:
 def test_synthetic_round_trip(tmp_path: Path) -> None:
     write_kgat_synthetic(tmp_path / "syn", n_users=50, n_items=80, n_entities=120, n_relations=4,
                          n_interactions=700, n_triplets=300, seed=3)
-    ds = load_kgat(tmp_path / "syn")
+    ds = load_kgat(tmp_path / "syn", valid_fraction=0)
     assert (ds.n_users, ds.n_items, ds.n_entities, ds.n_relations, ds.n_triplets) == (
         50, 80, 120, 4, 300)
     assert ds.train.nnz + ds.test.nnz == 700

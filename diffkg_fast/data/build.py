@@ -16,7 +16,7 @@ from typing import Any
 
 from diffkg_fast.data.codes import bundled_path
 from diffkg_fast.data.dataset import KGDataset
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.data.medkg import build_medication_dataset
 from diffkg_fast.data.records import MedicalRecords
 
@@ -58,7 +58,7 @@ def check_type(key: str, value: Any, default: Any, path: str | None = None) -> A
         return value
 
     def bad(what: str) -> DataError:
-        return DataError(f"expected {what}, got {value!r}", path=path, field=key)
+        return DataError(f"expected {what}, got {excerpt(value)}", path=path, field=key)
 
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, bool):

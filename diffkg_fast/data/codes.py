@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 
 
 def bundled_path(*parts: str) -> Path:
@@ -26,14 +26,17 @@ def bundled_path(*parts: str) -> Path:
     return Path(str(resources.files("diffkg_fast.data").joinpath("bundled", *parts)))
 
 
-def open_text(path: str | os.PathLike[str]) -> io.TextIOBase:
-    """Open ``.csv`` or ``.csv.gz`` (by content, not name) as UTF-8 text."""
+def open_bytes(path: str | os.PathLike[str]) -> io.BufferedIOBase:
+    """Open a file, gzip-compressed or not (by content, not name), as its decompressed bytes."""
     path = Path(path)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
-    if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
+
+
+def open_text(path: str | os.PathLike[str]) -> io.TextIOBase:
+    """Open ``.csv`` or ``.csv.gz`` (by content, not name) as UTF-8 text."""
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8", newline="")
 
 
 @functools.lru_cache(maxsize=4)
@@ -66,7 +69,7 @@ def atc_level(code: str) -> int:
     for level, n in ATC_LEVEL_LENGTH.items():
         if len(code) == n:
             return level
-    raise DataError(f"{code!r} is not an ATC code (length 1, 3, 4, 5 or 7)", field="ATC")
+    raise DataError(f"{excerpt(code)} is not an ATC code (length 1, 3, 4, 5 or 7)", field="ATC")
 
 
 def atc_ancestors(code: str) -> list[str]:

@@ -7,16 +7,19 @@ the line again on the error path only).
 
 from __future__ import annotations
 
+import codecs
 import csv
+import gzip
 import io
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain, compress, count, repeat
 from operator import contains, itemgetter
 from pathlib import Path
 
-from diffkg_fast.data.codes import open_text
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.codes import open_bytes, open_text
+from diffkg_fast.data.errors import DataError, cut, excerpt
 
 CHUNK = 1 << 23  # characters per read: large enough that per-chunk work is negligible
 
@@ -77,31 +80,76 @@ def _split_lines(lines: list[str], width: int) -> Iterator[list[str]] | None:
     return chain.from_iterable(parts)
 
 
+# What a damaged file raises while it is read: bad bytes in UTF-8 text, a damaged or cut gzip
+# stream (BadGzipFile is an OSError; zlib.error is not), an unreadable file, a csv quoting error.
+READ_ERRORS = (csv.Error, OSError, EOFError, UnicodeDecodeError, zlib.error)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, IndexError):
+        return "row has fewer fields than the header"
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"byte 0x{exc.object[exc.start]:02x} is not UTF-8 text; expected a UTF-8 CSV "
+                "file (.csv, or .csv.gz compressed)")
+    if isinstance(exc, gzip.BadGzipFile | zlib.error | EOFError):
+        return (f"damaged or truncated gzip stream ({cut(str(exc), 80)}); expected a "
+                "gzip-compressed CSV file")
+    if isinstance(exc, OSError):
+        return f"cannot read the file: {exc.strerror or cut(str(exc), 80)}"
+    return f"unreadable CSV: {cut(str(exc), 80)}"
+
+
+def _column_index(f: io.TextIOBase, path: Path, columns: tuple[str, ...]) -> list[int]:
+    header = next(csv.reader([f.readline()]), None)
+    if not header:
+        raise DataError(f"empty file; expected a header with {columns}", path=path)
+    found = [h.strip().lstrip("\ufeff").strip().upper() for h in header]
+    for col in columns:
+        if col not in found:
+            raise DataError(
+                f"missing column {col}; the header has {excerpt(', '.join(header), 200)}",
+                path=path, line=1, field=col,
+            )
+    return [found.index(col) for col in columns]
+
+
 @contextmanager
 def csv_table(path: Path, columns: tuple[str, ...]) -> Iterator[Iterator[tuple[str, ...]]]:
     """The ``columns`` of every row, as tuples (headers matched in any letter case).
 
-    A short row, or a gzip, decoding or csv error, is a :class:`DataError` at its line.
+    A short row, or a gzip, decoding or csv error (header included), is a :class:`DataError`
+    naming the file and the line where reading failed.
     """
-    with open_text(path) as f:
-        header = next(csv.reader([f.readline()]), None)
-        if not header:
-            raise DataError(f"empty file; expected a header with {columns}", path=path)
-        found = [h.strip().lstrip("\ufeff").strip().upper() for h in header]
-        for col in columns:
-            if col not in found:
-                raise DataError(
-                    f"missing column {col}; the header has {', '.join(header)}",
-                    path=path, line=1, field=col,
-                )
-        index = [found.index(col) for col in columns]
-        try:
+    width = 0
+    try:
+        with open_text(path) as f:
+            index = _column_index(f, path, columns)
+            width = max(index) + 1
             yield chain.from_iterable(csv_rows(f, index))
-        except (IndexError, csv.Error, OSError, EOFError, UnicodeDecodeError) as exc:
-            what = "row has fewer fields than the header" if isinstance(exc, IndexError) else exc
-            raise DataError(
-                f"unreadable CSV: {what}", path=path, line=locate_row(path, width=max(index) + 1)
-            ) from exc
+    except (IndexError, *READ_ERRORS) as exc:
+        line = (undecodable_line(path) if isinstance(exc, UnicodeDecodeError)
+                else locate_row(path, width=width))
+        raise DataError(_describe(exc), path=path, line=line) from exc
+
+
+def undecodable_line(path: Path) -> int | None:
+    """Line of the first byte that is not UTF-8 (error path only: the text reader decodes in
+    blocks, so its position says only which block failed)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    try:
+        with open_bytes(path) as f:
+            while chunk := f.read(CHUNK):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    # exc.object is the undecoded tail of the last block plus this one; that
+                    # tail is part of one multi-byte character, never a newline.
+                    return line + exc.object.count(b"\n", 0, exc.start)
+                line += chunk.count(b"\n")
+    except READ_ERRORS:
+        return None
+    return None
 
 
 def locate_row(
@@ -109,14 +157,15 @@ def locate_row(
 ) -> int | None:
     """Line of the first row whose ``column`` is ``value``, or (no column) that is shorter than
     ``width`` or unreadable. Error path only: it rereads the file with the csv module."""
-    with open_text(path) as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip().lstrip("\ufeff").strip().upper() for h in next(reader)]
-            i = header.index(column) if column else -1
+    reader = None
+    try:
+        with open_text(path) as f:
+            reader = csv.reader(f)
+            header = [h.strip().lstrip("\ufeff").strip().upper() for h in next(reader, [])]
+            i = header.index(column) if column in header else -1
             for row in reader:
                 if (row and len(row) < width) if i < 0 else (len(row) > i and row[i] == value):
                     return reader.line_num
-        except (csv.Error, OSError, EOFError, UnicodeDecodeError):
-            return reader.line_num + 1
+    except READ_ERRORS:
+        return None if reader is None else reader.line_num + 1
     return None

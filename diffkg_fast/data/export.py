@@ -15,7 +15,7 @@
   those three kinds as ``flat_h r flat_t`` (ATC class entities have no range there and are left
   out). A vocabulary larger than its range of 3000 raises :class:`DataError`.
 
-Every file is written atomically; a format writes all of its files or raises.
+A format writes all of its files or none (written beside the output folder, then moved in).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffkg_fast.data.dataset import SPLITS, KGDataset, to_csr, unique_int, unique_triplets
-from diffkg_fast.data.errors import DataError
-from diffkg_fast.utils.io import atomic_write
+from diffkg_fast.data.errors import DataError, excerpt
+from diffkg_fast.utils.io import atomic_directory, atomic_write
 
 FLAT_RANGE = 3000  # ids per kind in the seed's flattened view
 FLAT_OFFSET = {"diagnosis": 0, "procedure": 3000, "medication": 6000}
@@ -142,13 +142,25 @@ EXPORTERS: dict[str, Callable[[KGDataset, Path], list[Path]]] = {
 
 
 def export_dataset(ds: KGDataset, fmt: str, out: str | os.PathLike[str]) -> list[Path]:
-    """Write ``ds`` in format ``fmt`` into directory ``out``; returns the files written."""
+    """Write ``ds`` in format ``fmt`` into directory ``out``; returns the files written.
+
+    All files or none: they are written into a temporary folder beside ``out`` and moved in
+    only when every one is complete (:func:`~diffkg_fast.utils.io.atomic_directory`). An
+    error of the operating system (full disk, no permission, ``out`` a file) is a
+    :class:`DataError` naming ``out``.
+    """
     if fmt not in EXPORTERS:
         raise DataError(f"unknown format {fmt!r}; expected one of {sorted(EXPORTERS)}",
                         field="format")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return EXPORTERS[fmt](ds, out)
+    try:
+        # All or nothing: a full disk after two of six files leaves none of them.
+        with atomic_directory(out) as tmp:
+            written = EXPORTERS[fmt](ds, tmp)
+    except OSError as exc:
+        raise DataError(f"cannot write the {fmt} export: {exc.strerror or exc} (nothing was "
+                        "written)", path=out) from exc
+    return [out / f.relative_to(tmp) for f in written]
 
 
 def _read_atomic(path: Path, fields: list[str]) -> list[list[str]]:
@@ -157,7 +169,8 @@ def _read_atomic(path: Path, fields: list[str]) -> list[list[str]]:
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n").split("\t")
         if header != fields:
-            raise DataError(f"header {header} != expected {fields}", path=path, line=1)
+            raise DataError(f"header {excerpt(header, 200)} != expected {fields}", path=path,
+                            line=1)
         rows = []
         for lineno, line in enumerate(f, start=2):
             parts = line.rstrip("\r\n").split("\t")
@@ -172,8 +185,8 @@ def _int_column(rows: list[list[str]], col: int, path: Path, field: str) -> np.n
     out = np.empty(len(rows), dtype=np.int64)
     for i, r in enumerate(rows):
         if not r[col].isdigit():
-            raise DataError(f"expected a non-negative integer token, got {r[col]!r}", path=path,
-                            line=i + 2, field=field)
+            raise DataError(f"expected a non-negative integer token, got {excerpt(r[col])}",
+                            path=path, line=i + 2, field=field)
         out[i] = int(r[col])
     return out
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from diffkg_fast.data.codes import bundled_path
 from diffkg_fast.data.csvtable import csv_table, locate_row
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.data.records import MedicalRecords
 
 REQUIRED_TABLES = ("DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS")
@@ -98,7 +98,7 @@ def _visit_id(path: Path, subject: str, hadm: str) -> Visit:
     if s is None or h is None:
         col, val = ("SUBJECT_ID", subject) if s is None else ("HADM_ID", hadm)
         raise DataError(
-            f"{val!r} is not an integer id", path=path, line=locate_row(path, col, val),
+            f"{excerpt(val)} is not an integer id", path=path, line=locate_row(path, col, val),
             field=col,
         )
     return s, h
@@ -160,7 +160,7 @@ def _read_icd(path: Path, stats: dict) -> dict[Visit, dict[str, None]]:
             c = code.strip()
             if not _CODE_RE.fullmatch(c):
                 raise DataError(
-                    f"malformed ICD-9 code {code!r}: expected letters and digits only "
+                    f"malformed ICD-9 code {excerpt(code)}: expected letters and digits only "
                     "(undotted, e.g. '4019' or 'V5861')",
                     path=path, line=locate_row(path, "ICD9_CODE", code), field="ICD9_CODE",
                 )
@@ -286,7 +286,7 @@ def _admission_order(path: Path, patients: dict[int, list[int]], stats: dict) ->
             p = _parse_time(text)
             if p is None:
                 raise DataError(
-                    f"cannot read the date {text!r}: expected 'YYYY-MM-DD HH:MM:SS' or "
+                    f"cannot read the date {excerpt(text)}: expected 'YYYY-MM-DD HH:MM:SS' or "
                     "'m/d/yy H:MM'",
                     path=path, line=locate_row(path, "ADMITTIME", text), field="ADMITTIME",
                 )

@@ -51,7 +51,24 @@ def dataset_stats(ds: KGDataset) -> dict[str, Any]:
             split_stats["visits"] = int(np.count_nonzero(ds.visits.split == SPLITS.index(s)))
         splits[s] = split_stats
     out["splits"] = splits
+    validation = describe_validation(ds.meta.get("validation"))
+    if validation:
+        out["validation"] = validation
     return out
+
+
+def describe_validation(info: object) -> str | None:
+    """Where the validation split came from (``meta['validation']`` of the KG loaders)."""
+    if not isinstance(info, dict):
+        return None
+    source = info.get("from")
+    if source == "train":
+        return (f"carved from train: {info.get('fraction', 0):.0%} of each user's training "
+                f"interactions (seed {info.get('seed')}), {info.get('interactions', 0):,} "
+                f"interactions of {info.get('users', 0):,} users; the source has none")
+    if source == "none":
+        return "none (the source has none and valid_fraction=0)"
+    return f"given by {source}" if isinstance(source, str) else None
 
 
 def _fmt(value: Any) -> str:

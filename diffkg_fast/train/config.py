@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from diffkg_fast.data.build import check_type
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.eval.ranking import KS
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.model.registry import get_model
@@ -135,13 +134,6 @@ class RunConfig(Mapping[str, Any]):
         return f"RunConfig({self._values!r})"
 
 
-def _excerpt(value: Any) -> str:
-    """A bounded ``repr``: a hostile value (a YAML alias bomb) never prints whole."""
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 6, 6, 60, 60
-    return short.repr(value)
-
-
 def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
     """Type-check ``value`` against the key's default (the same rules as ``data build --set``).
     """
@@ -149,7 +141,7 @@ def _coerce(key: str, value: Any, default: Any, where: str | None) -> Any:
         return isinstance(v, int) and not isinstance(v, bool)
 
     def bad(what: str) -> DataError:
-        return DataError(f"expected {what}, got {_excerpt(value)}", path=where, field=key)
+        return DataError(f"expected {what}, got {excerpt(value)}", path=where, field=key)
 
     if key == "patience":  # the one optional key: none means "no early stopping"
         if value is not None and not is_int(value):
@@ -175,7 +167,7 @@ def _model_of(layers: list[tuple[Mapping[str, Any], str | None]], default: str) 
         if "model" in values:
             name = values["model"]
             if not isinstance(name, str):
-                raise DataError(f"expected a model name, got {_excerpt(name)}", path=where,
+                raise DataError(f"expected a model name, got {excerpt(name)}", path=where,
                                 field="model")
             get_model(name)
             return name
