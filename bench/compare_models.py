@@ -4,7 +4,8 @@
                                    [--set key=value ...] [--out bench/results/compare.json]
 
 Every model trains on the same dataset (the default synthetic cohort unless ``--data``) with the
-same preset and seed; selection on validation Recall@20, test ranked once. Rows: MostPop,
+same preset and seed (a preset's keys a model does not take are skipped, and so are ``--set``
+keys); selection on validation Recall@20, test ranked once. Rows: MostPop,
 LightGCN (BPR; at the preset's epochs and to convergence), DiffKG, DiffKG without diffusion
 (the ablation), DiffKG without patient codes (DiffKG as published). Prints one markdown table
 (mean ± std over seeds when several) and writes every run's metrics and timings as JSON
@@ -74,19 +75,21 @@ def main() -> None:
                          "epochs": len(res.history), "seconds": secs, "val": res.val,
                          "test": res.test, "config": cfg.to_dict()})
             print(f"seed {seed} {row:<30} val R@20 {res.val['recall@20']:.4f} "
-                  f"test R@20 {res.test['recall@20']:.4f} ({secs:.0f} s)", flush=True)
+                  f"test R@20 {res.test['recall@20']:.4f} (best epoch {res.best_epoch} of "
+                  f"{len(res.history)}, {secs:.0f} s)", flush=True)
     print(f"\n{args.data}, preset {args.preset}, seeds {args.seeds}, {args.threads} thread(s)\n")
     med = [c for c in MED_COLS if c in runs[0]["test"]]  # visit-split data only
     head = [f"{s} {n}" for s in ("val", "test") for n in ("Recall@20", "NDCG@20")]
     head += [f"test {c[4:]}" for c in med]
-    print("| model | " + " | ".join(head) + " | s / run |")
-    print("|" + " --- |" * (len(head) + 2))
+    print("| model | " + " | ".join(head) + " | best epoch / epochs | s / run |")
+    print("|" + " --- |" * (len(head) + 3))
     for row in args.rows:
         mine = [r for r in runs if r["row"] == row]
         cells = [_cell([r[split][c] for r in mine]) for split in ("val", "test") for c in COLS]
         cells += [_cell([r["test"][c] for r in mine]) for c in med]
+        epochs = " ".join(f"{r['best_epoch']}/{r['epochs']}" for r in mine)
         print(f"| {row} | " + " | ".join(cells)
-              + f" | {statistics.mean(r['seconds'] for r in mine):.0f} |")
+              + f" | {epochs} | {statistics.mean(r['seconds'] for r in mine):.0f} |")
     if args.out:
         with atomic_write(args.out, "w") as f:
             json.dump(runs, f, indent=2)

@@ -115,9 +115,9 @@ def test_medication_data_defaults_to_the_medication_preset(data_file, tmp_path, 
     assert "preset medication (the default for this data" in capsys.readouterr().out
     assert json.loads((out / "data.json").read_text())["preset"] == "medication"
     saved = json.loads((out / "config.json").read_text())
-    # epoch comes from --set; everything else the preset leaves at Params.py's value.
-    assert saved["ssl_reg"] == 0.1 and saved["epoch"] == 2
-    # --resume resolves the run's own preset again, so the config check passes.
+    # epoch comes from --set, patience from the preset; the rest is Params.py's value.
+    assert saved["ssl_reg"] == 0.1 and saved["epoch"] == 2 and saved["patience"] == 3
+    # --resume takes the run's own config: the same flags again change nothing.
     assert main(["train", "--resume", "--out", str(out), *TINY]) == 0
     # An explicit preset is used and recorded as given.
     out2 = tmp_path / "run2"
