@@ -26,6 +26,7 @@ from diffkg_fast.data.build import parse_sets
 from diffkg_fast.data.open import open_dataset
 from diffkg_fast.train import train
 from diffkg_fast.train.config import config_defaults, resolve_config
+from diffkg_fast.train.selection import SelectionError
 from diffkg_fast.utils.io import atomic_write
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -69,7 +70,12 @@ def main() -> None:
             sets = {**extra, **ROWS[row], "seed": seed}
             cfg = resolve_config(None, sets, None, preset=args.preset)
             t0 = time.perf_counter()
-            res = train(ds, cfg, log=lambda _: None)
+            try:
+                res = train(ds, cfg, log=lambda _: None)
+            except SelectionError as exc:  # e.g. LightGCN on the visit split's new patients
+                runs.append({"row": row, "seed": seed, "refused": str(exc)})
+                print(f"seed {seed} {row:<30} refused: {exc}", flush=True)
+                continue
             secs = time.perf_counter() - t0
             runs.append({"row": row, "seed": seed, "best_epoch": res.best_epoch,
                          "epochs": len(res.history), "seconds": secs, "val": res.val,
@@ -78,13 +84,17 @@ def main() -> None:
                   f"test R@20 {res.test['recall@20']:.4f} (best epoch {res.best_epoch} of "
                   f"{len(res.history)}, {secs:.0f} s)", flush=True)
     print(f"\n{args.data}, preset {args.preset}, seeds {args.seeds}, {args.threads} thread(s)\n")
-    med = [c for c in MED_COLS if c in runs[0]["test"]]  # visit-split data only
+    done = [r for r in runs if "refused" not in r]
+    med = [c for c in MED_COLS if done and c in done[0]["test"]]  # visit-split data only
     head = [f"{s} {n}" for s in ("val", "test") for n in ("Recall@20", "NDCG@20")]
     head += [f"test {c[4:]}" for c in med]
     print("| model | " + " | ".join(head) + " | best epoch / epochs | s / run |")
     print("|" + " --- |" * (len(head) + 3))
     for row in args.rows:
         mine = [r for r in runs if r["row"] == row]
+        if any("refused" in r for r in mine):
+            print(f"| {row} | cannot score patients it has never seen (no number) |")
+            continue
         cells = [_cell([r[split][c] for r in mine]) for split in ("val", "test") for c in COLS]
         cells += [_cell([r["test"][c] for r in mine]) for c in med]
         epochs = " ".join(f"{r['best_epoch']}/{r['epochs']}" for r in mine)

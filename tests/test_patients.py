@@ -16,7 +16,7 @@ from diffkg_fast.eval.medication import (
     predict_topk,
     visit_med_matrix,
 )
-from diffkg_fast.model import DiffKG, PairBatch
+from diffkg_fast.model import DiffKG, PairBatch, Patients
 from diffkg_fast.model.patients import (
     codes_to_entities,
     patient_code_matrix,
@@ -105,9 +105,9 @@ def test_code_users_are_masked_id_plus_mean_code_embedding() -> None:
     codes = patient_code_matrix(VISITS, 4, 12, (0, 2))
     has_train = torch.tensor([1.0, 0.0, 0.0, 1.0]).unsqueeze(1)  # users 1, 2 have no items
     expect = e.u_prop * has_train + torch.from_numpy(codes.toarray()) @ e.ent
-    got = model.score_codes(torch_csr(codes), torch.arange(4))
+    got = model.score_patients(Patients(torch.arange(4), torch_csr(codes)))
     torch.testing.assert_close(got, expect @ e.items.T)
-    only = model.score_codes(torch_csr(codes))
+    only = model.score_patients(Patients(codes=torch_csr(codes)))
     torch.testing.assert_close(only, (torch.from_numpy(codes.toarray()) @ e.ent) @ e.items.T)
     # The training forward uses the training codes only (patient 1's test visits are unseen).
     train_codes = torch.from_numpy(patient_code_matrix(VISITS, 4, 12, (0,)).toarray())
@@ -140,11 +140,11 @@ def visit_ds():
 def test_visit_split_medication_metrics_match_a_direct_computation(visit_ds) -> None:
     ds = visit_ds
     res = train(ds, make_config(epoch=1, latdim=8, dims=[32], seed=0), log=lambda _: None)
-    assert res.model.scores_codes
+    assert res.model.patient_inputs == {"codes"} and res.model.scores_unseen
     got = evaluate_split(res.model, ds, "test")
     codes, vids = visit_code_matrix(ds.visits, ds.n_entities, 2)
     patients = torch.from_numpy(ds.visits.patient[vids].astype(np.int64))
-    scores = res.model.score_codes(torch_csr(codes), patients).numpy()
+    scores = res.model.score_patients(Patients(patients, torch_csr(codes))).numpy()
     sizes = np.diff(ds.visits.med_ptr)[ds.visits.split == 0]
     expect = medication_metrics(predict_topk(scores, default_k(sizes)),
                                 visit_med_matrix(ds.visits, ds.n_items, 2),
@@ -166,16 +166,16 @@ def test_held_out_patients_are_ranked_from_their_codes(visit_ds) -> None:
                              ds.visits.diag[ds.visits.diag_ptr[held]:ds.visits.diag_ptr[held + 1]]])
     one = torch_csr(sp.csr_matrix((np.full(len(ids), 1 / len(ids), np.float32),
                                    (np.zeros(len(ids), int), ids)), shape=(1, ds.n_entities)))
-    a = res.model.score_codes(one, torch.tensor([p]))
-    b = res.model.score_codes(one)  # the ID part of a held-out patient is masked
+    a = res.model.score_patients(Patients(torch.tensor([p]), one))
+    b = res.model.score_patients(Patients(codes=one))  # the ID part of a held-out patient is masked
     torch.testing.assert_close(a, b)
     other = torch_csr(sp.csr_matrix(([1.0], ([0], [ds.n_items + 1])), shape=(1, ds.n_entities),
                                     dtype=np.float32))
-    assert not torch.equal(a, res.model.score_codes(other))
+    assert not torch.equal(a, res.model.score_patients(Patients(codes=other)))
 
 
 def test_interaction_split_has_no_medication_metrics() -> None:
     ds = build_dataset("synthetic", n_patients=120, n_diag=80, n_proc=40, n_med=20, seed=1)
     res = train(ds, make_config(epoch=1, latdim=8, dims=[16], seed=0), log=lambda _: None)
     assert not any(k.startswith("med_") for k in res.test)
-    assert res.model.scores_codes  # every visit is a training visit: codes are used
+    assert res.model.patient_inputs == {"codes"}  # every visit is a training visit

@@ -16,7 +16,7 @@ import torch
 from diffkg_fast.cli import main
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.model import MostPop
+from diffkg_fast.model import MostPop, Patients
 from diffkg_fast.model.patients import codes_to_entities, patient_code_matrix, row_mean_csr
 from diffkg_fast.ops.graph import torch_csr
 from diffkg_fast.train.recommend import format_example, recommend
@@ -72,7 +72,7 @@ def _ranking(scores: torch.Tensor) -> list[int]:
 def _direct(run: LoadedRun, ents: np.ndarray, patient: int | None = None) -> torch.Tensor:
     row = row_mean_csr(np.zeros(len(ents), np.int64), ents, (1, run.ds.n_entities))
     users = None if patient is None else torch.tensor([patient])
-    return run.model.score_codes(torch_csr(row), users)[0]
+    return run.model.score_patients(Patients(users, torch_csr(row)))[0]
 
 
 def _err(capsys) -> str:
@@ -90,7 +90,7 @@ def test_unknown_codes_are_all_named_and_exit_2(diffkg_run, capsys) -> None:
     assert "'0062'" not in err
 
 
-def test_plain_and_prefixed_codes_rank_alike_and_as_score_codes(run) -> None:
+def test_plain_and_prefixed_codes_rank_alike_and_as_score_patients(run) -> None:
     diag, proc = _visit_codes(run, 0)
     full = recommend(run, diag, proc, top=run.ds.n_items)
     assert recommend(run, _plain(diag), _plain(proc), top=run.ds.n_items) == full

@@ -32,8 +32,8 @@ from diffkg_fast.data.safedrug import (
 
 from helpers import VOC_SOURCE
 
-# SafeDrug's cohort (shared/data/README.md): patients by number of visits, 1 … 5, then a tail
-# of 170 patients to 29 visits, 15,032 visits in all; 112 ATC-3 medications.
+# SafeDrug's cohort (docs/data.md, "The synthetic cohort"): patients by number of visits,
+# 1 … 5, then a tail of 170 patients to 29 visits, 15,032 visits in all; 112 ATC-3 medications.
 VISITS = [1] * 908 + [2] * 3792 + [3] * 949 + [4] * 373 + [5] * 158 + [6] * 153 + [29] * 17
 N_MED, N_DIAG, N_PROC = 112, 1958, 1430
 

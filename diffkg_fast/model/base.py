@@ -9,10 +9,12 @@ nothing else, the way Lightning drives a ``LightningModule`` and RecBole its
     for epoch in range(epochs):
         report = model.on_epoch_start(epoch)         # phases the model owns (DiffKG: diffusion
         model.train()                                #   pass and KG rebuild)
-        for batch in batches:                        # PairBatch for batch_kind "pairs"
+        for batch in batches:                        # PairBatch ("pairs"), UserBatch ("users")
             loss, parts = model(batch)               # through forward, so DDP's hooks fire
             opt.zero_grad(); loss.backward(); opt.step()
+        report = model.on_epoch_end(epoch)           # KGAT: its KG phase, attention refresh
         scores = model.score(users)                  # B × n_items, eval mode, no gradient
+        scores = model.score_patients(Patients(...)) # patients by what is known of them
     model.state_dict()                               # complete: exact resume
 
 Options. A model's hyper-parameters are the keyword-only parameters (after ``*``) of its
@@ -32,7 +34,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingRecommender", "EpochReport", "PairBatch", "Recommender", "check_options"]
+__all__ = ["EmbeddingRecommender", "EpochReport", "PairBatch", "Patients", "Recommender",
+           "UserBatch", "check_options"]
 
 
 class PairBatch(NamedTuple):
@@ -44,6 +47,32 @@ class PairBatch(NamedTuple):
 
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(*(t.to(device) for t in self))
+
+
+class UserBatch(NamedTuple):
+    """Users and their training rows: ``users`` (B,) and ``rows`` (B × n_items, 0/1 float),
+    the input of auto-encoder models (RecBole's ``AutoEncoderMixin`` gives the same)."""
+
+    users: Tensor
+    rows: Tensor
+
+    def to(self, device: torch.device | str) -> UserBatch:
+        return UserBatch(*(t.to(device) for t in self))
+
+
+class Patients(NamedTuple):
+    """What is known of ``B`` patients when they are scored; a field is ``None`` when unknown.
+
+    - ``users`` (B,): their dataset rows, so a model may add what it trained for them;
+    - ``codes``: ``B × n_entities`` sparse CSR, each row the mean one-hot of the patient's known
+      diagnosis and procedure codes (:func:`~diffkg_fast.model.patients.code_rows`);
+    - ``meds``: ``B × n_items`` sparse CSR, the medications already known for the patient (its
+      training interactions, or the medications of its earlier visits), 0/1.
+    """
+
+    users: Tensor | None = None
+    codes: Tensor | None = None
+    meds: Tensor | None = None
 
 
 class EpochReport(NamedTuple):
@@ -108,6 +137,10 @@ class Recommender(nn.Module):
         ``limit_batches`` (benchmarks only) caps every loop of the phase."""
         return EpochReport({}, {}, {})
 
+    def on_epoch_end(self, epoch: int, limit_batches: int | None = None) -> EpochReport:
+        """Work the model owns after the epoch's batches, before validation (default: none)."""
+        return EpochReport({}, {}, {})
+
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss and its named parts (detached), from a batch of
         :attr:`batch_kind`. Called as ``model(batch)``, never as another method, so that a
@@ -125,17 +158,25 @@ class Recommender(nn.Module):
         raise NotImplementedError
 
     @property
-    def scores_codes(self) -> bool:
-        """Whether :meth:`score_codes` can rank a patient given by diagnosis and procedure
-        codes (:mod:`diffkg_fast.model.patients`)."""
+    def patient_inputs(self) -> frozenset[str]:
+        """Which fields of :class:`Patients` besides ``users`` :meth:`score_patients` reads:
+        ``"codes"``, ``"meds"`` (default: none)."""
+        return frozenset()
+
+    @property
+    def scores_unseen(self) -> bool:
+        """Whether a patient without training interactions (a held-out patient of the visit
+        split, a new one) gets a trained score: false where the only representation is an ID
+        embedding that only training interactions train."""
         return False
 
     @torch.no_grad()
-    def score_codes(self, codes: Tensor, users: Tensor | None = None) -> Tensor:
-        """``B × n_items`` scores of ``B`` patients given by code rows (``B × n_entities``
-        sparse CSR, each row the mean one-hot of the patient's codes); ``users`` (B,) adds each
-        row's own user representation. Only where :attr:`scores_codes` is true."""
-        raise NotImplementedError(f"model {self.name!r} cannot score patients by their codes")
+    def score_patients(self, patients: Patients) -> Tensor:
+        """``B × n_items`` scores of patients given by what is known of them (default: the
+        users' own scores, :meth:`score`)."""
+        if patients.users is None:
+            raise NotImplementedError(f"model {self.name!r} scores patients by their id only")
+        return self.score(patients.users)
 
     def scoring_state(self) -> dict[str, Any]:
         """The part of :meth:`state_dict` that scoring reads: what the trainer keeps of the best

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from diffkg_fast.model.base import Recommender
+from diffkg_fast.model.base import Patients, Recommender
 
 __all__ = ["MostPop"]
 
@@ -39,3 +39,12 @@ class MostPop(Recommender):
     def score(self, users: Tensor) -> Tensor:
         """``B × n_items``: the popularity row repeated for each user."""
         return self.popularity.unsqueeze(0).expand(users.numel(), -1)
+
+    @property
+    def scores_unseen(self) -> bool:
+        return True  # popularity needs nothing of the patient
+
+    @torch.no_grad()
+    def score_patients(self, patients: Patients) -> Tensor:
+        n = next(f.shape[0] for f in patients if f is not None)
+        return self.popularity.unsqueeze(0).expand(n, -1)

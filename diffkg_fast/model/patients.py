@@ -16,7 +16,9 @@ Which visits a row sees (no target ever leaks: codes are inputs, medications are
   the patient's earlier visits (history), so a held-out visit is predicted from what is known
   when it happens;
 - :func:`codes_to_entities`: a new patient given by code strings, and :func:`code_rows` the
-  rows a model's ``score_codes`` takes.
+  rows of :class:`~diffkg_fast.model.base.Patients` that a model's ``score_patients`` takes;
+- :func:`visit_history_meds`: the medications of each visit's earlier visits, for the models
+  that read a patient's known medications.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from diffkg_fast.data.dataset import VisitFeatures
 from diffkg_fast.data.errors import DataError
 
 __all__ = ["code_rows", "codes_to_entities", "patient_code_matrix", "row_mean_csr",
-           "visit_code_matrix"]
+           "visit_code_matrix", "visit_history_meds"]
 
 
 def row_mean_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -68,30 +70,59 @@ def patient_code_matrix(visits: VisitFeatures, n_users: int, n_entities: int,
     return row_mean_csr(patient, e[keep], (n_users, n_entities))
 
 
+def _history(visits: VisitFeatures, split: int, include_self: bool,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(target visits of split, row j, visit w)`` pairs: ``w`` runs over the earlier visits of
+    target ``j``'s patient (and the visit itself with ``include_self``), without a loop.
+
+    Visits of a patient are contiguous and in time order (``VisitFeatures``).
+    """
+    patient = np.asarray(visits.patient, dtype=np.int64)
+    target = np.flatnonzero(np.asarray(visits.split) == split)
+    # First visit of each visit's patient: the start of its run of equal patient ids.
+    starts = np.flatnonzero(np.r_[True, patient[1:] != patient[:-1]])
+    first = starts[np.searchsorted(starts, np.arange(len(patient)), side="right") - 1]
+    n_hist = target - first[target] + int(include_self)
+    row = np.repeat(np.arange(len(target), dtype=np.int64), n_hist)
+    offs = np.arange(int(n_hist.sum())) - np.repeat(np.cumsum(n_hist) - n_hist, n_hist)
+    return target, row, np.repeat(first[target], n_hist) + offs
+
+
+def _gather(ptr: np.ndarray, values: np.ndarray, row: np.ndarray, w: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """``(row, value)`` for every value of visit ``w`` (``ptr`` indexes values by visit)."""
+    counts = ptr[w + 1] - ptr[w]
+    idx = np.repeat(ptr[w], counts) + (
+        np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+    return np.repeat(row, counts), values[idx]
+
+
 def visit_code_matrix(visits: VisitFeatures, n_entities: int, split: int,
                       ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Rows of the visits of ``split`` (in visit order) and their visit ids.
 
     Row ``j`` (visit ``v``) holds the codes of ``v`` and of the earlier visits of ``v``'s
-    patient (visits of a patient are contiguous and in time order, ``VisitFeatures``).
+    patient: what is known when the visit happens.
     """
-    split_of = np.asarray(visits.split)
-    patient = np.asarray(visits.patient, dtype=np.int64)
-    target = np.flatnonzero(split_of == split)
-    # First visit of each visit's patient: the start of its run of equal patient ids.
-    starts = np.flatnonzero(np.r_[True, patient[1:] != patient[:-1]])
-    first = starts[np.searchsorted(starts, np.arange(len(patient)), side="right") - 1]
-    # Pairs (row j, earlier-or-same visit w) without a loop: w runs over first[v] … v.
-    n_hist = target - first[target] + 1
-    row = np.repeat(np.arange(len(target), dtype=np.int64), n_hist)
-    offs = np.arange(int(n_hist.sum())) - np.repeat(np.cumsum(n_hist) - n_hist, n_hist)
-    w = np.repeat(first[target], n_hist) + offs
+    target, row, w = _history(visits, split, include_self=True)
     v, e = _visit_codes(visits)
-    code_ptr = np.searchsorted(v, np.arange(len(patient) + 1))  # v is sorted by visit
-    counts = code_ptr[w + 1] - code_ptr[w]
-    idx = np.repeat(code_ptr[w], counts) + (
-        np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
-    return row_mean_csr(np.repeat(row, counts), e[idx], (len(target), n_entities)), target
+    code_ptr = np.searchsorted(v, np.arange(visits.n_visits + 1))  # v is sorted by visit
+    rows, cols = _gather(code_ptr, e, row, w)
+    return row_mean_csr(rows, cols, (len(target), n_entities)), target
+
+
+def visit_history_meds(visits: VisitFeatures, n_items: int, split: int,
+                       ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """0/1 rows of the medications of the patient's EARLIER visits, one per visit of ``split``
+    (in visit order), and their visit ids: the medication history known when the visit happens
+    (a visit's own medications are its targets, never an input)."""
+    target, row, w = _history(visits, split, include_self=False)
+    rows, cols = _gather(np.asarray(visits.med_ptr, dtype=np.int64),
+                         np.asarray(visits.med, dtype=np.int64), row, w)
+    m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(target), n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m, target
 
 
 def codes_to_entities(entity_codes: Sequence[str], diagnoses: Sequence[str] = (),
@@ -121,8 +152,8 @@ def codes_to_entities(entity_codes: Sequence[str], diagnoses: Sequence[str] = ()
 
 def code_rows(patients: Sequence[Sequence[int]], n_entities: int):  # -> torch sparse CSR
     """``len(patients) × n_entities`` torch CSR, row ``i`` the mean one-hot of the entity ids
-    ``patients[i]`` (from :func:`codes_to_entities`): the input of
-    :meth:`~diffkg_fast.model.base.Recommender.score_codes`."""
+    ``patients[i]`` (from :func:`codes_to_entities`): the ``codes`` of
+    :class:`~diffkg_fast.model.base.Patients`."""
     from diffkg_fast.ops.graph import torch_csr  # torch: imported on use, as the data layer
 
     rows = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(patients)]

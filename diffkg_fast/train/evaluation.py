@@ -5,12 +5,15 @@
   (:func:`~diffkg_fast.eval.ranking.ranking_metrics`).
 - Medication metrics (datasets with a ``visit`` split): every held-out visit of the split is
   predicted from what is known when it happens — its own diagnoses and procedures and those of
-  the patient's earlier visits (:func:`~diffkg_fast.model.patients.visit_code_matrix`) for a
-  model that scores codes (``Recommender.scores_codes``: DiffKG with patient codes); the
-  patient's own representation otherwise (untrained for a held-out patient of LightGCN; the
-  popularity for MostPop). The predicted set is the top ``k`` medications, ``k`` the rounded mean
-  training visit size (:func:`~diffkg_fast.eval.medication.default_k`); Jaccard, F1, PRAUC, DDI
-  rate and mean set size as SafeDrug computes them, keys prefixed ``med_``.
+  the patient's earlier visits (:func:`~diffkg_fast.model.patients.visit_code_matrix`) and the
+  medications of its earlier visits (:func:`~diffkg_fast.model.patients.visit_history_meds`),
+  each given to a model that reads it (``Recommender.patient_inputs``: ``"codes"`` for DiffKG
+  with patient codes, ``"meds"`` for the auto-encoders); the patient's own representation
+  otherwise (the popularity for MostPop). A model that cannot score a patient without training
+  interactions (``scores_unseen`` false) is refused by the trainer on such a dataset. The
+  predicted set is the top ``k`` medications, ``k`` the rounded mean training visit size
+  (:func:`~diffkg_fast.eval.medication.default_k`); Jaccard, F1, PRAUC, DDI rate and mean set
+  size as SafeDrug computes them, keys prefixed ``med_``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from diffkg_fast.eval.medication import (
     visit_med_matrix,
 )
 from diffkg_fast.eval.ranking import KS, ranking_metrics
-from diffkg_fast.model.base import Recommender
-from diffkg_fast.model.patients import patient_code_matrix, visit_code_matrix
+from diffkg_fast.model.base import Patients, Recommender
+from diffkg_fast.model.patients import (
+    patient_code_matrix,
+    visit_code_matrix,
+    visit_history_meds,
+)
 from diffkg_fast.ops.graph import torch_csr
 
 __all__ = ["SPLIT_ID", "evaluate_split", "has_visit_split"]
@@ -45,14 +52,22 @@ def has_visit_split(ds: KGDataset) -> bool:
 
 
 def _score_fn(model: Recommender, ds: KGDataset, split: str) -> Callable[[Tensor], Tensor]:
-    if not model.scores_codes or ds.visits is None:
+    """Scores of a batch of users for the ranking metrics, from what evaluating ``split`` may
+    know of them: their training medications, and the codes of their training visits and of
+    the split's own visits."""
+    inputs = model.patient_inputs
+    if not inputs:
         return model.score
-    # What evaluating `split` may know: training visits and the split's own visits' codes.
-    codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0, SPLIT_ID[split]))
+    codes = None
+    if "codes" in inputs and ds.visits is not None:
+        codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0, SPLIT_ID[split]))
+    meds = sp.csr_matrix(ds.train) if "meds" in inputs else None
 
     def score(users: Tensor) -> Tensor:
-        rows = codes[users.cpu().numpy()]
-        return model.score_codes(torch_csr(rows), users)
+        ids = users.cpu().numpy()
+        return model.score_patients(Patients(
+            users, None if codes is None else torch_csr(codes[ids]),
+            None if meds is None else torch_csr(meds[ids] != 0)))
 
     return score
 
@@ -64,15 +79,17 @@ def _visit_scores(model: Recommender, ds: KGDataset, split: str,
     assert ds.visits is not None
     sid = SPLIT_ID[split]
     patients = torch.from_numpy(np.asarray(ds.visits.patient, dtype=np.int64))
-    if model.scores_codes:
-        codes, vids = visit_code_matrix(ds.visits, ds.n_entities, sid)
-        out = [model.score_codes(torch_csr(codes[lo:lo + batch]),
-                                 patients[vids[lo:lo + batch]]).float().cpu()
-               for lo in range(0, len(vids), batch)]
-        return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
+    inputs = model.patient_inputs
     vids = np.flatnonzero(np.asarray(ds.visits.split) == sid)
-    out = [model.score(patients[vids[lo:lo + batch]]).float().cpu()
-           for lo in range(0, len(vids), batch)]
+    codes = visit_code_matrix(ds.visits, ds.n_entities, sid)[0] if "codes" in inputs else None
+    meds = visit_history_meds(ds.visits, ds.n_items, sid)[0] if "meds" in inputs else None
+    out = []
+    for lo in range(0, len(vids), batch):
+        part = slice(lo, lo + batch)
+        users = patients[vids[part]]
+        known = Patients(users, None if codes is None else torch_csr(codes[part]),
+                         None if meds is None else torch_csr(meds[part]))
+        out.append(model.score_patients(known).float().cpu())
     return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
 
 

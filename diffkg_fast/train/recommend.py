@@ -4,7 +4,7 @@ A patient is given by diagnosis and procedure codes (what a clinician has at han
 in the dataset (``--patient ID``), or both:
 
 - DiffKG with patient codes scores the mean RGAT embedding of the codes
-  (:meth:`DiffKG.score_codes`, the representation the code BPR term trains); with a patient, its
+  (``score_patients`` with codes, the representation the code BPR term trains); with a patient, its
   training codes are united with the given ones and its propagated ID embedding is added (masked
   for a patient without training interactions), so ``--patient P`` alone ranks exactly as the
   trained model scores user ``P``;
@@ -31,6 +31,7 @@ import torch
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
+from diffkg_fast.model.base import Patients
 from diffkg_fast.model.patients import codes_to_entities, patient_code_matrix, row_mean_csr
 from diffkg_fast.ops.graph import torch_csr
 from diffkg_fast.train.evaluation import has_visit_split
@@ -83,7 +84,7 @@ def _scores(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
     """Scores of every item for the patient of :func:`recommend` (arguments checked there)."""
     ds, model = run.ds, run.model
     users = None if patient is None else torch.tensor([patient], dtype=torch.long)
-    if not model.scores_codes:
+    if "codes" not in model.patient_inputs:
         assert users is not None  # codes without a code model were refused by the caller
         return model.score(users)[0].float().cpu().numpy()
     assert ds.visits is not None
@@ -96,7 +97,7 @@ def _scores(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
             raise DataError(f"patient {patient} has no training visits; give its codes with "
                             "--diagnoses / --procedures", field="--patient")
     row = row_mean_csr(np.zeros(len(ents), np.int64), ents, (1, ds.n_entities))
-    return model.score_codes(torch_csr(row), users)[0].float().cpu().numpy()
+    return model.score_patients(Patients(users, torch_csr(row)))[0].float().cpu().numpy()
 
 
 # ------------------------------------------------------------------ recommend
@@ -122,7 +123,7 @@ def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequenc
     if not diagnoses and not procedures and patient is None:
         raise DataError("give at least one code (--diagnoses / --procedures) or --patient ID",
                         field="--diagnoses")
-    if (diagnoses or procedures) and not run.model.scores_codes:
+    if (diagnoses or procedures) and "codes" not in run.model.patient_inputs:
         raise DataError(f"this run's model ({_model_desc(run)}) cannot use diagnosis or "
                         "procedure codes: only a model that scores codes (DiffKG with "
                         "patient_codes=true, trained on a dataset with visits) does; pass "
@@ -248,7 +249,7 @@ def format_example(run: LoadedRun, top: int = DEFAULT_TOP) -> str:
     proc = [ds.entity_codes[e] for e in v.proc[v.proc_ptr[vid]:v.proc_ptr[vid + 1]]]
     head = (f"\nexample: recommend for diagnoses {_short([c.partition(':')[2] for c in diag])} "
             f"procedures {_short([c.partition(':')[2] for c in proc])}")
-    if run.model.scores_codes:
+    if "codes" in run.model.patient_inputs:
         rows = recommend(run, diag, proc, None, top)
         return head + "\n" + format_recommendations(rows, ddi=_has_ddi(ds))
     p = int(v.patient[vid])

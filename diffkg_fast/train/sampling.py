@@ -1,7 +1,11 @@
-"""Training batches: every training interaction once per epoch, shuffled, with one uniform
-negative each (DiffKG's ``TrnData.negSampling`` and loader, vectorised).
+"""Training batches, one sampler per ``Recommender.batch_kind``:
 
-The two draws come from their own streams of the run's seed (``negatives``, ``shuffle``;
+- ``"pairs"`` (:class:`PairSampler`): every training interaction once per epoch, shuffled, with
+  one uniform negative each (DiffKG's ``TrnData.negSampling`` and loader, vectorised);
+- ``"users"`` (:class:`UserSampler`): every user with a training interaction once per epoch,
+  shuffled, with its training row (the auto-encoders' input, as RecBole's ``AutoEncoderMixin``).
+
+The draws come from their own streams of the run's seed (``negatives``, ``shuffle``;
 :func:`~diffkg_fast.utils.seed.rng_stream`), so the batches of an epoch depend on the seed and
 the epoch number only, never on the model or on what else drew random numbers.
 """
@@ -16,10 +20,10 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from diffkg_fast.model.base import PairBatch
+from diffkg_fast.model.base import PairBatch, UserBatch
 from diffkg_fast.utils.seed import rng_stream
 
-__all__ = ["PairSampler", "interactions", "sample_negatives"]
+__all__ = ["SAMPLERS", "PairSampler", "UserSampler", "interactions", "sample_negatives"]
 
 
 def sample_negatives(users: Tensor, pos_keys: Tensor, n_items: int,
@@ -99,3 +103,43 @@ class PairSampler:
                              f"{sorted(self.generators)}")
         for name, g in self.generators.items():
             g.set_state(state[name])
+
+
+class UserSampler:
+    """Batches of ``batch`` users (those with a training interaction), each with its training
+    row as a dense 0/1 float tensor."""
+
+    def __init__(self, train: sp.spmatrix, batch: int, seed: int) -> None:
+        self.train = (sp.csr_matrix(train) != 0).astype(np.float32).tocsr()
+        self.batch = batch
+        self.users = torch.from_numpy(np.flatnonzero(np.diff(self.train.indptr)).astype(np.int64))
+        self.generators = {"shuffle": rng_stream(seed, "shuffle")}
+
+    def __len__(self) -> int:
+        return -(-self.users.numel() // self.batch)
+
+    def negatives(self) -> None:
+        """Nothing to draw before an epoch (the sampler interface of :class:`PairSampler`)."""
+        return None
+
+    def batches(self, _neg: None = None, limit: int | None = None) -> Iterator[UserBatch]:
+        perm = self.users[torch.randperm(self.users.numel(),
+                                         generator=self.generators["shuffle"])]
+        for start in range(0, perm.numel(), self.batch)[:limit]:
+            users = perm[start:start + self.batch]
+            rows = torch.from_numpy(self.train[users.numpy()].toarray())
+            yield UserBatch(users, rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.generators):
+            raise ValueError(f"sampler streams {sorted(state)}, expected "
+                             f"{sorted(self.generators)}")
+        for name, g in self.generators.items():
+            g.set_state(state[name])
+
+
+# batch_kind -> sampler; "none" (nothing to train) has none.
+SAMPLERS = {"pairs": PairSampler, "users": UserSampler}

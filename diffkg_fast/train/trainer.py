@@ -4,9 +4,10 @@ An epoch of a model (:class:`~diffkg_fast.model.base.Recommender`):
 
 1. ``model.on_epoch_start(epoch)``: the phases the model owns (DiffKG: one diffusion pass over
    the KG rows, then the rebuild of this epoch's denoised KG);
-2. the batch loop (``batch_kind = "pairs"``: every training interaction once, shuffled, with a
-   uniform negative; :mod:`~diffkg_fast.train.sampling`), each step ``model(batch)`` → loss;
-3. validation ranking, every ``eval_every`` epochs and after the last one.
+2. the batch loop (the sampler of the model's ``batch_kind``, :mod:`~diffkg_fast.train.sampling`:
+   BPR triples or users with their rows), each step ``model(batch)`` → loss;
+3. ``model.on_epoch_end(epoch)`` (a KG phase, an attention refresh);
+4. validation ranking, every ``eval_every`` epochs and after the last one.
 
 The best validated epoch's scoring state is kept (:mod:`~diffkg_fast.train.selection`);
 ``patience`` validations without improvement stop the run; the test split is ranked ONCE, at the
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from diffkg_fast.data.dataset import KGDataset
@@ -37,7 +40,7 @@ from diffkg_fast.train.config import RunConfig, TrainConfig
 from diffkg_fast.train.evaluation import evaluate_split
 from diffkg_fast.train.report import RunReporter, epoch_line, progress
 from diffkg_fast.train.run_folder import CHECKPOINT, RunFolder, check_resume, dataset_fingerprint
-from diffkg_fast.train.sampling import PairSampler
+from diffkg_fast.train.sampling import SAMPLERS, PairSampler, UserSampler
 from diffkg_fast.train.selection import Selection, SelectionError
 from diffkg_fast.utils.seed import seed_everything
 
@@ -71,7 +74,7 @@ class _Run:
     ds: KGDataset
     model: Recommender
     optimizer: torch.optim.Optimizer | None
-    sampler: PairSampler | None
+    sampler: PairSampler | UserSampler | None
     selection: Selection
     history: list[dict[str, Any]]
 
@@ -110,7 +113,8 @@ def _build(ds: KGDataset, config: RunConfig) -> _Run:
     seed_everything(cfg.seed)
     model = config.model_cls.from_dataset(ds, **config.model_options())
     optimizer = model.configure_optimizer(cfg.lr)
-    sampler = PairSampler(ds.train, cfg.batch, cfg.seed) if model.batch_kind == "pairs" else None
+    kind = SAMPLERS.get(model.batch_kind)
+    sampler = None if kind is None else kind(ds.train, cfg.batch, cfg.seed)
     return _Run(config, ds, model, optimizer, sampler,
                 Selection(f"recall@{cfg.topk}", cfg.patience), [])
 
@@ -145,22 +149,37 @@ def _epoch(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, An
         t0 = time.perf_counter()
         losses.update(_batches(run, epoch, limit, show))
         times["recommender"] = time.perf_counter() - t0
+    end = run.model.on_epoch_end(epoch, limit)
+    times.update({k: times.get(k, 0.0) + v for k, v in end.time.items()})
+    losses.update(end.loss)
     val: dict[str, float] = {}
     if epoch % run.cfg.eval_every == 0 or epoch == run.epochs() - 1:
         t0 = time.perf_counter()
         val = evaluate_split(run.model, run.ds, "valid", batch_size=run.cfg.test_batch,
                              device=run.cfg.device)
         times["evaluation"] = time.perf_counter() - t0
-    return {"epoch": epoch, "loss": losses, "info": {**report.info, **run.model.epoch_info()},
-            "val": val, "time": times}
+    info = {**report.info, **end.info, **run.model.epoch_info()}
+    return {"epoch": epoch, "loss": losses, "info": info, "val": val, "time": times}
 
 
 def _check_validation(ds: KGDataset) -> None:
+    """Refuse, before any work, a run whose validation can select nothing."""
     if ds.valid.nnz == 0:
         raise SelectionError(
             f"dataset {ds.name!r} has an empty validation split: the best epoch cannot be "
             "selected; build it with a validation split (data build carves one out of train "
             "for sources without)")
+
+
+def _check_unseen(ds: KGDataset, model: Recommender, name: str) -> None:
+    """Refuse a model that cannot score validation patients without training interactions:
+    its validation metrics would rank untrained embeddings."""
+    unseen = np.diff(sp.csr_matrix(ds.train).indptr) == 0
+    if not model.scores_unseen and unseen[np.diff(sp.csr_matrix(ds.valid).indptr) > 0].any():
+        raise SelectionError(
+            f"model {name!r} (with these options) cannot score a patient without training "
+            f"interactions, and the validation patients of dataset {ds.name!r} include such "
+            "patients (the visit split's held-out patients)")
 
 
 def train(ds: KGDataset, config: RunConfig, *, log: Callable[[str], Any] = print,
@@ -201,6 +220,7 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
         check_resume(ck["config"], config.to_dict(), int(ck["epoch"]) + 1,
                      folder.file(CHECKPOINT))
     run = _build(ds, config)
+    _check_unseen(ds, run.model, config["model"])
     start = 0
     if ck is not None:
         start = run.restore(ck)

@@ -33,7 +33,13 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from diffkg_fast.model.base import EmbeddingRecommender, EpochReport, PairBatch, check_options
+from diffkg_fast.model.base import (
+    EmbeddingRecommender,
+    EpochReport,
+    PairBatch,
+    Patients,
+    check_options,
+)
 from diffkg_fast.model.diffkg.diffusion import KGDiffusion
 from diffkg_fast.model.diffkg.encoder import KGEncoder
 from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
@@ -195,19 +201,23 @@ class DiffKG(EmbeddingRecommender):
         return e.users, e.items, e.u_prop, e.ent
 
     @property
-    def scores_codes(self) -> bool:
+    def patient_inputs(self) -> frozenset[str]:
+        return frozenset({"codes"}) if self.encoder.codes is not None else frozenset()
+
+    @property
+    def scores_unseen(self) -> bool:
         return self.encoder.codes is not None
 
     @torch.no_grad()
-    def score_codes(self, codes: Tensor, users: Tensor | None = None) -> Tensor:
-        """Scores of patients given by code rows: the mean RGAT embedding of their codes, plus,
-        with ``users``, each one's propagated ID embedding (masked for a patient without
-        training interactions). Works without training codes too (``scores_codes`` says
-        whether the model was trained to rank this way)."""
+    def score_patients(self, patients: Patients) -> Tensor:
+        """With codes: the mean RGAT embedding of each patient's codes, plus, with ``users``,
+        its propagated ID embedding (masked for a patient without training interactions)."""
+        if patients.codes is None:
+            return super().score_patients(patients)
         _, items, u_prop, ent = self._cached()
-        u = torch.sparse.mm(codes.to(ent.device), ent)
-        if users is not None:
-            users = users.to(u.device)
+        u = torch.sparse.mm(patients.codes.to(ent.device), ent)
+        if patients.users is not None:
+            users = patients.users.to(u.device)
             u = u + u_prop[users] * self.encoder.has_train[users]
         return u @ items.T
 
