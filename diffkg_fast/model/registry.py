@@ -10,6 +10,7 @@ from diffkg_fast.data.errors import DataError
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.model.cdae import CDAE
 from diffkg_fast.model.diffkg import DiffKG
+from diffkg_fast.model.diffrec import DiffRec
 from diffkg_fast.model.lightgcn import LightGCN
 from diffkg_fast.model.mostpop import MostPop
 from diffkg_fast.model.multivae import MultiVAE
@@ -17,7 +18,7 @@ from diffkg_fast.model.multivae import MultiVAE
 __all__ = ["MODELS", "get_model", "register_model"]
 
 MODELS: dict[str, type[Recommender]] = {
-    cls.name: cls for cls in (DiffKG, LightGCN, MostPop, MultiVAE, CDAE)}
+    cls.name: cls for cls in (DiffKG, LightGCN, MostPop, MultiVAE, CDAE, DiffRec)}
 
 
 def get_model(name: str) -> type[Recommender]:
