@@ -65,7 +65,9 @@ def test_diffkg_options_are_params_py_and_checked() -> None:
         with pytest.raises(ValueError, match=needle):
             DiffKG.check_options({**opts, **bad})
     assert set(MODELS) == {"diffkg", "lightgcn", "mostpop", "multivae", "cdae", "diffrec"}
-    assert set(LightGCN.options()) == {"latdim", "gnn_layer", "reg", "seed", "device"}
+    ddi = {"ddi_loss": False, "target_ddi": 0.06, "kp": 0.05, "ddi_scale": 5e-4}  # SafeDrug's
+    assert {k: opts[k] for k in ddi} == ddi and "ddi_pairs" not in opts
+    assert set(LightGCN.options()) == {"latdim", "gnn_layer", "reg", "seed", "device", *ddi}
 
 
 def test_bpr_l2_info_nce_match_their_formulas() -> None:

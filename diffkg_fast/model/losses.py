@@ -18,12 +18,14 @@ from diffkg_fast.ops.contrastive import logsumexp_mm
 __all__ = ["bpr_loss", "info_nce", "l2_reg"]
 
 
-def bpr_loss(u: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-    """``-mean log sigmoid(<u, pos> - <u, neg>)`` over the batch (each argument B × d).
+def bpr_loss(u: Tensor, pos: Tensor, neg: Tensor, reduce: bool = True) -> Tensor:
+    """``-mean log sigmoid(<u, pos> - <u, neg>)`` over the batch (each argument B × d); with
+    ``reduce=False`` the ``B`` terms (their mean is the loss, bit for bit).
 
     ``softplus(-x) = -log sigmoid(x)`` without the underflow of ``log(sigmoid(x))``.
     """
-    return F.softplus(-((u * pos).sum(-1) - (u * neg).sum(-1))).mean()
+    terms = F.softplus(-((u * pos).sum(-1) - (u * neg).sum(-1)))
+    return terms.mean() if reduce else terms
 
 
 def l2_reg(params: Iterable[Tensor], reg: float) -> Tensor:

@@ -18,8 +18,12 @@ to one. Beyond ``Params.py``: ``use_diffusion=False`` (the diffusion-free ablati
 built, both views are the sampled original KG), ``patient_codes`` (patients described by their
 diagnoses and procedures, ``docs/patients-by-codes.md``; ``False`` is DiffKG as published),
 ``denoiser_dropout`` (DiffKG hard-codes 0.5), ``diffusion_precision`` (the denoiser's GEMMs:
-``fp32``, ``tf32``, ``bf16``). ``lr`` and ``batch`` serve both the recommender's and the
-denoiser's Adam, as in ``Params.py``.
+``fp32``, ``tf32``, ``bf16``), and SafeDrug's controllable DDI loss: ``ddi_loss`` (off by
+default: DiffKG as published), ``target_ddi`` (0.06), ``kp`` (0.05), ``ddi_scale`` (0.0005), with
+their math, sources and the probabilities of a BPR ranking in
+:mod:`diffkg_fast.model.ddi_loss`; each BPR term (the patient's, and the code representation's)
+is controlled by the DDI rate of its own top-``k`` sets. ``lr`` and ``batch`` serve both the
+recommender's and the denoiser's Adam, as in ``Params.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from diffkg_fast.model.base import (
     Patients,
     check_options,
 )
+from diffkg_fast.model.ddi_loss import DDILoss, controlled, ddi_pairs_of, set_size_of
 from diffkg_fast.model.diffkg.diffusion import KGDiffusion
 from diffkg_fast.model.diffkg.encoder import KGEncoder
 from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
@@ -72,7 +77,8 @@ class DiffKG(EmbeddingRecommender):
     phases = ("diffusion", "rebuild")
 
     def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
-                 train: sp.spmatrix, kg: np.ndarray, codes: sp.spmatrix | None = None, *,
+                 train: sp.spmatrix, kg: np.ndarray, codes: sp.spmatrix | None = None,
+                 ddi_pairs: np.ndarray | None = None, set_size: int = 1, *,
                  latdim: int = 64, gnn_layer: int = 2, layer_num_kg: int = 1,
                  mess_dropout_rate: float = 0.1, res_lambda: float = 0.5,
                  triplet_num: int = 10, reg: float = 1e-7, ssl_reg: float = 0.1,
@@ -81,8 +87,10 @@ class DiffKG(EmbeddingRecommender):
                  steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4,
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
-                 diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
-                 seed: int = 421, device: str = "cpu") -> None:
+                 diffusion_precision: str = "fp32", ddi_loss: bool = False,
+                 target_ddi: float = 0.06, kp: float = 0.05, ddi_scale: float = 5e-4,
+                 lr: float = 1e-3, batch: int = 1024, seed: int = 421,
+                 device: str = "cpu") -> None:
         super().__init__()
         self.check_options(locals())
         dev = torch.device(device)
@@ -108,24 +116,32 @@ class DiffKG(EmbeddingRecommender):
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
             batch=batch, seed=seed, init=init)
+        if ddi_loss and ddi_pairs is None:
+            raise ValueError("ddi_loss=True needs ddi_pairs (the KG's 'ddi' relation)")
+        self.ddi = None if not ddi_loss else DDILoss(
+            ddi_pairs, n_items, set_size, target_ddi=target_ddi, kp=kp,
+            ddi_scale=ddi_scale).to(dev)
 
     @classmethod
     def from_dataset(cls, ds: Any, *, patient_codes: bool = True, **options: Any) -> DiffKG:
         """DiffKG for a :class:`~diffkg_fast.data.dataset.KGDataset`; with ``patient_codes``
-        and a dataset with visits, patients are also described by their training codes."""
+        and a dataset with visits, patients are also described by their training codes. With
+        ``ddi_loss``, a dataset without a ``ddi`` relation is a :class:`DataError`."""
         codes = (patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,))
                  if patient_codes and ds.visits is not None else None)
+        ddi = options.get("ddi_loss", False)
         return cls(ds.n_users, ds.n_items, ds.n_entities, ds.n_relations, ds.train, ds.kg,
-                   codes, **options)
+                   codes, ddi_pairs_of(ds) if ddi else None, set_size_of(ds) if ddi else 1,
+                   **options)
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> None:
         check_options(
             options, positive=("latdim", "steps", "rebuild_k", "temp", "noise_scale", "lr",
-                               "batch", "d_emb_size"),
+                               "batch", "d_emb_size", "kp"),
             non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
-                          "noise_min", "noise_max", "seed"),
-            unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout"),
+                          "noise_min", "noise_max", "seed", "ddi_scale"),
+            unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout", "target_ddi"),
             choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS})
         dims = options.get("dims", (1000,))
         if len(dims) != 1 or int(dims[0]) < 1:
@@ -168,19 +184,21 @@ class DiffKG(EmbeddingRecommender):
 
     def forward(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """BPR on view 1 + L2 + ``ssl_reg`` InfoNCE between the views over the batch's users
-        and positive items: two graph forwards (one when ``ssl_reg = 0``).
+        and positive items: two graph forwards (one when ``ssl_reg = 0``). With ``ddi_loss``,
+        each BPR term is SafeDrug's controlled loss of its own ranking (module docstring).
 
         With patient codes, a second BPR term ranks with the code representation ALONE, so that
         a patient known only by codes (held out, or new) is ranked by a trained vector."""
         kg1, kg2 = self.views()
         users, pos, neg = batch
         v1 = self.encoder(kg1, self.dropout_generator)
-        bpr = bpr_loss(v1.users[users], v1.items[pos], v1.items[neg])
-        parts = {"bpr": bpr.detach()}
+        terms = bpr_loss(v1.users[users], v1.items[pos], v1.items[neg], reduce=False)
+        parts = {"bpr": terms.mean().detach()}
+        bpr = controlled(self.ddi, terms, v1.users, v1.items, users, parts)
         if v1.codes is not None:
-            code_bpr = bpr_loss(v1.codes[users], v1.items[pos], v1.items[neg])
-            bpr = bpr + code_bpr
-            parts["code_bpr"] = code_bpr.detach()
+            terms = bpr_loss(v1.codes[users], v1.items[pos], v1.items[neg], reduce=False)
+            parts["code_bpr"] = terms.mean().detach()
+            bpr = bpr + controlled(self.ddi, terms, v1.codes, v1.items, users, parts, "code_")
         reg = l2_reg(self.encoder.parameters(), self.reg)
         total = bpr + reg
         parts.update(reg=reg.detach(), cl=torch.zeros((), device=bpr.device))
