@@ -185,7 +185,7 @@ def _train_and_report(folder: RunFolder | None, args: argparse.Namespace,
     print(f"\nbest epoch {res.best_epoch} ({len(res.history)} epochs, "
           f"{res.total_time:.1f} s this session)")
     print(format_metrics({"valid": res.val, "test": res.test}, "table"))
-    print(format_example(LoadedRun(config, ds, res.model)))
+    print(format_example(LoadedRun(config, ds, res.model, res.sets)))
     if folder is not None:
         print(f"run saved in {folder.path}")
     return 0
@@ -195,10 +195,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
                  device: str | None = None) -> dict[str, float]:
     """Rank ``split`` with the best state of the run in ``run_dir`` (the folder or its
     ``checkpoint.pt``): the test split excludes training and validation items, the validation
-    split training items, as the trainer does, so ``split="test"`` reproduces its test."""
+    split training items, as the trainer does, with the set rules the run chose on validation
+    (its checkpoint's ``sets``), so ``split="test"`` reproduces its test."""
     run = load_run(run_dir, data, device)
     return evaluate_split(run.model, run.ds, split, batch_size=run.config["test_batch"],
-                          device=run.config["device"])
+                          device=run.config["device"], sets=run.sets)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -46,7 +46,10 @@ class TrainConfig:
     - ``patience``: stop after this many evaluations without a better one (``None`` or 0: run
       every epoch); the best validated epoch is always the one kept;
     - ``eval_every``: validate every this many epochs (and after the last one);
-    - ``device``: ``cpu``, ``cuda`` or ``cuda:N``: where the model and its graphs live.
+    - ``device``: ``cpu``, ``cuda`` or ``cuda:N``: where the model and its graphs live;
+    - ``target_ddi``: the DDI rate the DDI-aware set rule must stay under on validation
+      (:mod:`diffkg_fast.eval.set_choice`); SafeDrug's ``target_ddi`` (0.06), and the same key
+      as the DDI loss's target for a model that takes one.
     """
 
     model: str = "diffkg"
@@ -60,6 +63,7 @@ class TrainConfig:
     patience: int | None = None
     eval_every: int = 1
     device: str = "cpu"
+    target_ddi: float = 0.06
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
@@ -77,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"valid_metric must be 'recall' or 'ndcg', got {self.valid_metric!r}")
         if self.patience is not None and self.patience < 0:
             raise ValueError(f"patience must be >= 0 or none, got {self.patience}")
+        if not (math.isfinite(self.target_ddi) and 0.0 <= self.target_ddi <= 1.0):
+            raise ValueError(f"target_ddi must be in [0, 1], got {self.target_ddi}")
         kind, _, index = self.device.partition(":")
         if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

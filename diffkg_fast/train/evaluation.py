@@ -10,15 +10,20 @@
   each given to a model that reads it (``Recommender.patient_inputs``: ``"codes"`` for DiffKG
   with patient codes, ``"meds"`` for the auto-encoders); the patient's own representation
   otherwise (the popularity for MostPop). A model that cannot score a patient without training
-  interactions (``scores_unseen`` false) is refused by the trainer on such a dataset. The
-  predicted set is the top ``k`` medications, ``k`` the rounded mean training visit size
-  (:func:`~diffkg_fast.eval.medication.default_k`); Jaccard, F1, PRAUC, DDI rate and mean set
-  size as SafeDrug computes them, keys prefixed ``med_``.
+  interactions (``scores_unseen`` false) is refused by the trainer on such a dataset. Jaccard,
+  F1, PRAUC, DDI rate and mean set size as SafeDrug computes them, keys prefixed ``med_``, of the
+  predicted sets of a set rule (:mod:`diffkg_fast.eval.sets`): without a chosen rule (the
+  per-epoch validation) the top ``k``, ``k`` the rounded mean training visit size
+  (:func:`~diffkg_fast.eval.medication.default_k`); with the run's
+  :class:`~diffkg_fast.eval.set_choice.SetChoice` (chosen on validation by :func:`choose_sets`
+  after training) its plain rule, and its DDI-aware rule's metrics as ``safe_*`` on a dataset
+  with a ``ddi`` relation (PRAUC reads scores only, so it has no ``safe_`` twin).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,13 +32,16 @@ from torch import Tensor
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.eval.medication import (
+    ddi_matrix,
     default_k,
     medication_metrics,
-    predict_topk,
     visit_med_matrix,
 )
 from diffkg_fast.eval.ranking import KS, ranking_metrics
+from diffkg_fast.eval.set_choice import SetChoice, choose_rules
+from diffkg_fast.eval.sets import SetRule, fit_visit_size, select_sets, visit_code_counts
 from diffkg_fast.model.base import Patients, Recommender
+from diffkg_fast.model.ddi_loss import has_ddi
 from diffkg_fast.model.patients import (
     patient_code_matrix,
     visit_code_matrix,
@@ -41,7 +49,8 @@ from diffkg_fast.model.patients import (
 )
 from diffkg_fast.ops.graph import torch_csr
 
-__all__ = ["SPLIT_ID", "evaluate_split", "has_visit_split"]
+__all__ = ["SPLIT_ID", "VisitArrays", "choose_sets", "ddi_adjacency", "default_rule",
+           "evaluate_split", "has_visit_split", "set_metrics", "visit_arrays", "visit_metrics"]
 
 SPLIT_ID = {"valid": 1, "test": 2}
 
@@ -93,10 +102,81 @@ def _visit_scores(model: Recommender, ds: KGDataset, split: str,
     return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
 
 
+def ddi_adjacency(ds: KGDataset) -> np.ndarray | None:
+    """The ``n_items × n_items`` 0/1 interaction matrix of the ``ddi`` relation, or ``None``
+    without one (or with an empty one)."""
+    if not has_ddi(ds):
+        return None
+    return ddi_matrix(ds.triplets_of("ddi"), ds.n_items)
+
+
+def default_rule(ds: KGDataset) -> SetRule:
+    """The rule without a validation choice: the top ``k``, ``k`` the rounded mean training
+    visit size."""
+    assert ds.visits is not None
+    train_sizes = np.diff(np.asarray(ds.visits.med_ptr))[np.asarray(ds.visits.split) == 0]
+    return SetRule("topk", default_k(train_sizes))
+
+
+class VisitArrays(NamedTuple):
+    """The held-out visits of one split: ``scores`` (visits × items), ``truth`` (bool, the
+    prescribed medications) and ``n_codes`` (each visit's diagnoses + procedures)."""
+
+    scores: np.ndarray
+    truth: np.ndarray
+    n_codes: np.ndarray
+
+
+@torch.no_grad()
+def visit_arrays(model: Recommender, ds: KGDataset, split: str,
+                 batch: int = 1024) -> VisitArrays:
+    """Scores, prescriptions and code counts of the held-out visits of ``split``."""
+    assert ds.visits is not None
+    model.eval()
+    scores, vids = _visit_scores(model, ds, split, batch)
+    truth = visit_med_matrix(ds.visits, ds.n_items, SPLIT_ID[split]).toarray() > 0
+    assert len(vids) == truth.shape[0]
+    return VisitArrays(scores, truth, visit_code_counts(ds.visits)[vids])
+
+
+def set_metrics(v: VisitArrays, ds: KGDataset, rule: SetRule) -> dict[str, float]:
+    """SafeDrug's per-visit metrics of ``rule``'s sets (:func:`medication_metrics`)."""
+    pairs = ds.triplets_of("ddi") if "ddi" in ds.relation_names else np.zeros((0, 2), np.int64)
+    pred = select_sets(v.scores, rule, ddi_adjacency(ds), v.n_codes)
+    return medication_metrics(pred, v.truth, pairs, scores=v.scores, n_meds=ds.n_items)
+
+
+def visit_metrics(model: Recommender, ds: KGDataset, split: str, batch: int,
+                  sets: SetChoice | None) -> dict[str, float]:
+    """``med_*`` (and ``safe_*``) metrics of the held-out visits of ``split``."""
+    v = visit_arrays(model, ds, split, batch)
+    out = {f"med_{k}": x for k, x in set_metrics(
+        v, ds, default_rule(ds) if sets is None else sets.plain).items()}
+    if sets is not None and has_ddi(ds):
+        safe = set_metrics(v, ds, sets.safe)
+        del safe["prauc"], safe["n_visits"]  # the scores', the same as med_'s
+        out.update({f"safe_{k}": x for k, x in safe.items()})
+    return out
+
+
+def choose_sets(model: Recommender, ds: KGDataset, *, target_ddi: float,
+                batch_size: int = 1024) -> SetChoice:
+    """The plain and DDI-aware set rules of ``model``, chosen on the validation visits
+    (:func:`~diffkg_fast.eval.set_choice.choose_rules`); a dataset with a visit split only."""
+    if not has_visit_split(ds):
+        raise ValueError("set rules are chosen on validation visits: the dataset has no visit "
+                         "split")
+    assert ds.visits is not None
+    v = visit_arrays(model, ds, "valid", batch_size)
+    return choose_rules(v.scores, v.truth, ddi_adjacency(ds), v.n_codes,
+                        fit_visit_size(ds.visits), int(default_rule(ds).param), target_ddi)
+
+
 def evaluate_split(model: Recommender, ds: KGDataset, split: str, *, batch_size: int = 1024,
-                   device: str = "cpu") -> dict[str, float]:
-    """Ranking metrics of ``split`` (``"valid"`` or ``"test"``), plus ``med_*`` metrics for a
-    dataset with a visit split (module docstring), with the model's current state."""
+                   device: str = "cpu", sets: SetChoice | None = None) -> dict[str, float]:
+    """Ranking metrics of ``split`` (``"valid"`` or ``"test"``), plus ``med_*`` (and, with
+    ``sets`` and a ``ddi`` relation, ``safe_*``) metrics for a dataset with a visit split
+    (module docstring), with the model's current state."""
     if split not in SPLIT_ID:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model.eval()
@@ -105,14 +185,5 @@ def evaluate_split(model: Recommender, ds: KGDataset, split: str, *, batch_size:
     out = ranking_metrics(_score_fn(model, ds, split), None, target, exclude=exclude,
                           ks=KS, batch_size=batch_size, device=device)
     if has_visit_split(ds):
-        assert ds.visits is not None
-        scores, vids = _visit_scores(model, ds, split, batch_size)
-        train_sizes = np.diff(np.asarray(ds.visits.med_ptr))[np.asarray(ds.visits.split) == 0]
-        truth = visit_med_matrix(ds.visits, ds.n_items, SPLIT_ID[split])
-        pairs = (ds.triplets_of("ddi") if "ddi" in ds.relation_names
-                 else np.zeros((0, 2), np.int64))
-        med = medication_metrics(predict_topk(scores, default_k(train_sizes)), truth, pairs,
-                                 scores=scores, n_meds=ds.n_items)
-        assert len(vids) == truth.shape[0]
-        out.update({f"med_{k}": v for k, v in med.items()})
+        out.update(visit_metrics(model, ds, split, batch_size, sets))
     return out

@@ -5,6 +5,8 @@
     DIR/checkpoint.pt   everything an exact resume needs, with the config and the dataset
                         fingerprint inside, and a digest (:mod:`diffkg_fast.train.checkpoint`)
     DIR/log.csv         one row per epoch
+    DIR/sets.json       the medication set rules chosen on validation (visit-split data; the
+                        checkpoint holds the same record under "sets", which is what is used)
     DIR/curves.png, DIR/tb/   what :mod:`diffkg_fast.train.report` draws
     DIR/.lock           while a process trains in it
 
@@ -36,15 +38,17 @@ import torch
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.open import open_dataset
+from diffkg_fast.eval.set_choice import SetChoice
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffkg_fast.train.config import RunConfig
 from diffkg_fast.utils.io import atomic_write
 
-__all__ = ["CHECKPOINT", "CONFIG", "DATA_FILE", "LOG", "LoadedRun", "RunFolder",
+__all__ = ["CHECKPOINT", "CONFIG", "DATA_FILE", "LOG", "SETS", "LoadedRun", "RunFolder",
            "check_resume", "dataset_fingerprint", "load_run"]
 
 CHECKPOINT = "checkpoint.pt"
+SETS = "sets.json"
 CONFIG = "config.json"
 DATA_FILE = "data.json"
 LOG = "log.csv"
@@ -239,6 +243,16 @@ class RunFolder:
         with _writing(self.file(LOG)), atomic_write(self.file(LOG), "w") as f:
             f.write(buf.getvalue())
 
+    def record_sets(self, sets: dict[str, Any]) -> None:
+        """Add the chosen set rules to the checkpoint (``"sets"``) and write ``sets.json``: the
+        checkpoint first, so that the readable copy never claims a rule the run does not use.
+        """
+        ck = self.load_checkpoint()
+        ck["sets"] = sets
+        self.save_checkpoint(ck)
+        with _writing(self.file(SETS)), atomic_write(self.file(SETS), "w") as f:
+            f.write(json.dumps(sets, indent=2) + "\n")
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         with _writing(self.file(CHECKPOINT)):
             save_checkpoint(self.file(CHECKPOINT), state)
@@ -263,6 +277,7 @@ class LoadedRun:
     config: RunConfig
     ds: KGDataset
     model: Recommender
+    sets: SetChoice | None = None
 
 
 def load_run(run_dir: str | os.PathLike[str], data: str | None = None,
@@ -290,4 +305,9 @@ def load_run(run_dir: str | os.PathLike[str], data: str | None = None,
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not fit the model: {str(exc)[:300]}",
                               path=path) from exc
-    return LoadedRun(config, ds, model)
+    try:
+        sets = None if ck.get("sets") is None else SetChoice.from_dict(ck["sets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's set rules are not valid: {str(exc)[:200]}",
+                              path=path) from exc
+    return LoadedRun(config, ds, model, sets)

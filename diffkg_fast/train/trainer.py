@@ -10,9 +10,11 @@ An epoch of a model (:class:`~diffkg_fast.model.base.Recommender`):
 4. validation ranking, every ``eval_every`` epochs and after the last one.
 
 The best validated epoch's scoring state is kept (:mod:`~diffkg_fast.train.selection`);
-``patience`` validations without improvement stop the run; the test split is ranked ONCE, at the
-end, with that state (training and validation items excluded). The test split never influences
-any choice.
+``patience`` validations without improvement stop the run. On a ``visit``-split dataset the
+medication set rules (plain and DDI-aware) are then chosen on the validation visits with that
+state (:func:`~diffkg_fast.train.evaluation.choose_sets`), recorded in the checkpoint and in
+``sets.json``; the test split is ranked ONCE, at the end, with that state and those rules
+(training and validation items excluded). The test split never influences any choice.
 
 Randomness: ``seed_everything(seed)``, then every draw from a named stream of the seed (the
 model's own, the sampler's ``negatives`` and ``shuffle``). With ``out_dir`` the run folder
@@ -34,10 +36,16 @@ import scipy.sparse as sp
 import torch
 
 from diffkg_fast.data.dataset import KGDataset
+from diffkg_fast.eval.set_choice import SetChoice
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.train.checkpoint import CheckpointError, get_rng_state, set_rng_state
 from diffkg_fast.train.config import RunConfig, TrainConfig
-from diffkg_fast.train.evaluation import evaluate_split
+from diffkg_fast.train.evaluation import (
+    choose_sets,
+    evaluate_split,
+    has_visit_split,
+    visit_metrics,
+)
 from diffkg_fast.train.report import RunReporter, epoch_line, progress
 from diffkg_fast.train.run_folder import CHECKPOINT, RunFolder, check_resume, dataset_fingerprint
 from diffkg_fast.train.sampling import SAMPLERS, PairSampler, UserSampler
@@ -53,8 +61,10 @@ class TrainResult:
 
     ``history``: one dict per epoch run (``epoch``, ``loss`` parts, ``info`` such as
     ``kg_edges`` of the KG the recommender trained on, ``val`` metrics (empty where not
-    validated), ``time`` in seconds per phase). ``val``: the metrics of ``best_epoch``;
-    ``test``: the single test evaluation of that state; ``model`` holds the best state.
+    validated), ``time`` in seconds per phase). ``val``: the metrics of ``best_epoch`` (its
+    ``med_*`` with the chosen set rule, ``safe_*`` with the DDI-aware one); ``test``: the single
+    test evaluation of that state; ``model`` holds the best state; ``sets``: the set rules
+    chosen on validation (``None`` without a visit split).
     """
 
     config: dict[str, Any]
@@ -64,6 +74,7 @@ class TrainResult:
     test: dict[str, float]
     model: Recommender
     total_time: float = 0.0
+    sets: SetChoice | None = None
 
 
 @dataclass
@@ -247,18 +258,29 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
             log(f"early stop after epoch {epoch}: no better val {metric} for "
                 f"{run.selection.bad} validations")
             break
-    return _finish(run, log, t_start)
+    return _finish(run, log, t_start, folder)
 
 
-def _finish(run: _Run, log: Callable[[str], Any], t_start: float) -> TrainResult:
-    """Load the best state, rank the test split once."""
+def _finish(run: _Run, log: Callable[[str], Any], t_start: float,
+            folder: RunFolder | None) -> TrainResult:
+    """Load the best state, choose the set rules on validation, rank the test split once."""
     sel, cfg = run.selection, run.cfg
     run.model.load_scoring_state(sel.best_state)
+    val = dict(run.history[sel.best_epoch]["val"])
+    sets = None
+    if has_visit_split(run.ds):
+        sets = choose_sets(run.model, run.ds, target_ddi=cfg.target_ddi,
+                           batch_size=cfg.test_batch)
+        # The epoch's med_* used the default rule; the chosen one replaces it.
+        val.update(visit_metrics(run.model, run.ds, "valid", cfg.test_batch, sets))
+        log(f"set rule chosen on validation: {sets.plain.describe()}; DDI-aware: "
+            f"{sets.safe.describe()} ({sets.criterion})")
+        if folder is not None:
+            folder.record_sets(sets.to_dict())
     test = evaluate_split(run.model, run.ds, "test", batch_size=cfg.test_batch,
-                          device=cfg.device)
-    val = run.history[sel.best_epoch]["val"]
+                          device=cfg.device, sets=sets)
     k = sel.metric.split("@")[1]
     log(f"best epoch {sel.best_epoch}: val {sel.metric} {val[sel.metric]:.4f}  test "
         f"recall@{k} {test[f'recall@{k}']:.4f} ndcg@{k} {test[f'ndcg@{k}']:.4f}")
     return TrainResult(run.config.to_dict(), run.history, sel.best_epoch, val, test, run.model,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, sets)
