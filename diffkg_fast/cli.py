@@ -182,7 +182,7 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     c.set_defaults(func=_cmd_compare)
 
-    r = top.add_parser("recommend", help="top medications of a run for codes and/or a patient")
+    r = top.add_parser("recommend", help="a run's medication set for codes and/or a patient")
     r.add_argument("run_dir", metavar="DIR",
                    help="run folder written by train --out (or its checkpoint.pt)")
     r.add_argument("--diagnoses", metavar="CODES",
@@ -193,7 +193,14 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--patient", type=int, metavar="ID",
                    help="the patient's row in the dataset (0 … n_users-1): its training codes "
                         "and ID embedding join the codes; its training medications are flagged")
-    r.add_argument("--top", type=int, metavar="N", help="list length (default 10)")
+    r.add_argument("--top", type=int, metavar="N",
+                   help="set size before DDI changes: the N best (default: the rule the run "
+                        "chose on its validation visits, else 10)")
+    r.add_argument("--ddi", metavar="off|avoid|penalty=W",
+                   help="how the KG's drug-drug interactions shape the set: off (the plain "
+                        "ranking), avoid (skip a drug interacting with one already chosen), "
+                        "penalty=W (greedy on score - W x interactions, W in score std units); "
+                        "default: the run's choice on validation, else avoid")
     r.add_argument("--format", choices=("table", "json", "csv"), default="table")
     r.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
     r.add_argument("--device", help="cpu, cuda or cuda:N; overrides the run's device")

@@ -1,5 +1,7 @@
 """``diffkg-fast recommend`` and the medication columns of the results table, on two tiny
-one-epoch runs: DiffKG with patient codes on a visit split, LightGCN on an interaction split."""
+one-epoch runs: DiffKG with patient codes on a visit split, LightGCN on an interaction split.
+Tests of the ranking itself ask for the plain set (``ddi="off"``); the DDI-aware sets are
+tested in tests/test_recommend_ddi.py."""
 
 from __future__ import annotations
 
@@ -92,8 +94,8 @@ def test_unknown_codes_are_all_named_and_exit_2(diffkg_run, capsys) -> None:
 
 def test_plain_and_prefixed_codes_rank_alike_and_as_score_patients(run) -> None:
     diag, proc = _visit_codes(run, 0)
-    full = recommend(run, diag, proc, top=run.ds.n_items)
-    assert recommend(run, _plain(diag), _plain(proc), top=run.ds.n_items) == full
+    full = recommend(run, diag, proc, top=run.ds.n_items, ddi="off")
+    assert recommend(run, _plain(diag), _plain(proc), top=run.ds.n_items, ddi="off") == full
     ents = codes_to_entities(run.ds.entity_codes, diag, proc)
     direct = _direct(run, ents)
     assert [r["item"] for r in full] == _ranking(direct)
@@ -109,7 +111,7 @@ def test_ddi_flags_match_brute_force(diffkg_run, run, capsys) -> None:
     """The whole catalogue, so that every DDI pair of the dataset is in the list."""
     diag, proc = _visit_codes(run, 0)
     n = run.ds.n_items
-    rows = recommend(run, diag, proc, top=n)
+    rows = recommend(run, diag, proc, top=n, ddi="off")
     pairs = {frozenset(p) for p in run.ds.triplets_of("ddi").tolist()}
     assert pairs and all(max(p) < n for p in pairs)
     code = {r["item"]: r["code"] for r in rows}
@@ -118,13 +120,14 @@ def test_ddi_flags_match_brute_force(diffkg_run, run, capsys) -> None:
                 if o["item"] != r["item"] and frozenset((r["item"], o["item"])) in pairs]
         assert r["ddi_with"] == want
     assert main(["recommend", diffkg_run[0], "--diagnoses", ",".join(_plain(diag)),
-                 "--procedures", ",".join(_plain(proc)), "--top", str(n)]) == 0
+                 "--procedures", ",".join(_plain(proc)), "--top", str(n), "--ddi", "off"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == n + 2 and lines[0].split()[:5] == ["rank", "item", "level", "code",
+    assert lines[0] == f"set: topk:{n} (size: given; DDI: given)"
+    assert len(lines) == n + 3 and lines[1].split()[:5] == ["rank", "item", "level", "code",
                                                            "score"]
-    assert lines[-1].startswith(f"DDI pairs in this list: {len(pairs)} (")
+    assert lines[-1].startswith(f"DDI pairs in this set: {len(pairs)} (")
     # A short list holds only the pairs among its own medications.
-    top5 = recommend(run, diag, proc, top=5)
+    top5 = recommend(run, diag, proc, top=5, ddi="off")
     listed = {r["code"] for r in top5}
     assert all(set(r["ddi_with"]) <= listed - {r["code"]} for r in top5)
 
@@ -134,22 +137,22 @@ def test_patient_adds_its_codes_and_id_embedding(run) -> None:
     ds, model = run.ds, run.model
     diag, proc = _visit_codes(run, 0)
     ents = codes_to_entities(ds.entity_codes, diag, proc)
-    codes_only = recommend(run, diag, proc, top=ds.n_items)
+    codes_only = recommend(run, diag, proc, top=ds.n_items, ddi="off")
     train_codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0,))
     has_train = model.encoder.has_train.ravel().bool()
     p = int(torch.nonzero(has_train)[0])  # a training patient
-    with_p = recommend(run, diag, proc, patient=p, top=ds.n_items)
+    with_p = recommend(run, diag, proc, patient=p, top=ds.n_items, ddi="off")
     assert [r["score"] for r in with_p] != pytest.approx([r["score"] for r in codes_only])
     both = np.union1d(ents, train_codes[p].indices)
     assert [r["item"] for r in with_p] == _ranking(_direct(run, both, p))
     assert {r["item"] for r in with_p if r["known"]} == set(ds.train[p].indices.tolist())
     # The patient alone is the trained model's own user vector.
-    alone = recommend(run, patient=p, top=ds.n_items)
+    alone = recommend(run, patient=p, top=ds.n_items, ddi="off")
     assert [r["item"] for r in alone] == _ranking(model.score(torch.tensor([p])))
     # A held-out patient: no training codes, its ID embedding is masked: codes only.
     q = int(torch.nonzero(~has_train)[0])
     assert train_codes[q].nnz == 0
-    assert recommend(run, diag, proc, patient=q, top=ds.n_items) == codes_only
+    assert recommend(run, diag, proc, patient=q, top=ds.n_items, ddi="off") == codes_only
     with pytest.raises(DataError, match="no training visits"):
         recommend(run, patient=q)
 
@@ -190,7 +193,7 @@ def test_bad_options_are_one_error_line(diffkg_run, args, needle, capsys) -> Non
 # ------------------------------------------------------------------ models without codes
 def test_lightgcn_ranks_patients_and_refuses_codes(lightgcn_run, capsys) -> None:
     run = load_run(lightgcn_run[0])
-    rows = recommend(run, patient=4, top=run.ds.n_items)
+    rows = recommend(run, patient=4, top=run.ds.n_items, ddi="off")
     assert [r["item"] for r in rows] == _ranking(run.model.score(torch.tensor([4])))
     assert {r["item"] for r in rows if r["known"]} == set(run.ds.train[4].indices.tolist())
     assert main(["recommend", lightgcn_run[0], "--patient", "4", "--diagnoses", "0062"]) == 2
@@ -199,13 +202,17 @@ def test_lightgcn_ranks_patients_and_refuses_codes(lightgcn_run, capsys) -> None
 
 
 def test_kgat_style_example_lists_user_0(run) -> None:
-    """A dataset without visits: the example is user 0's top 10 with entity codes."""
+    """A dataset without visits: the example is user 0's 10 items with entity codes, the
+    DDI-aware set (avoid: no validation visits to choose a penalty on)."""
     ds = dataclasses.replace(run.ds, visits=None)
     text = format_example(LoadedRun(run.config, ds, MostPop(ds.n_users, ds.n_items, ds.train)))
     lines = text.strip().splitlines()
-    assert lines[0] == "example: top 10 items of user 0" and len(lines) == 13
+    assert lines[0] == "example: 10 items for user 0" and len(lines) == 15
+    assert lines[1] == ("set: topk:10, avoid (size: given; DDI: no validation visits to "
+                        "choose a penalty on)")
+    assert lines[-2].startswith("displaced: ") and lines[-1] == "DDI pairs in this set: 0"
     pop = np.asarray(ds.train.sum(axis=0)).ravel()
-    assert int(lines[2].split()[1]) == int(np.argsort(-pop, kind="stable")[0])
+    assert int(lines[3].split()[1]) == int(np.argsort(-pop, kind="stable")[0])
 
 
 # ------------------------------------------------------------------ train / evaluate output
@@ -213,13 +220,18 @@ def test_train_prints_metrics_and_an_example(diffkg_run, lightgcn_run) -> None:
     text = diffkg_run[1]
     ex = text[text.index("example: recommend for diagnoses ["):].splitlines()
     ex = ex[:ex.index(next(ln for ln in ex if ln.startswith("run saved in")))]
-    assert len(ex) <= 14 and ex[-1].startswith("DDI pairs in this list: ")
-    assert len([ln for ln in ex if ln[:4].strip().isdigit()]) == 10
-    assert "med_jaccard" in text
+    assert len(ex) <= 16 and ex[-1].startswith("DDI pairs in this set: ")
+    assert ex[1].startswith("set: topk:10") and "size: given" in ex[1]
+    assert len([ln for ln in ex if ln[:4].strip().isdigit()]) <= 10
+    assert "med_jaccard" in text and "safe_jaccard" in text
+    assert "set rule chosen on validation: " in text
     text = lightgcn_run[1]
     ex = text[text.index("example: recommend for diagnoses ["):].splitlines()
     assert ex[1].startswith("ranked as --patient ") and "(lightgcn) cannot use codes" in ex[1]
-    assert ex[14].startswith("run saved in") and ex[13].startswith("DDI pairs in this list: ")
+    # Interaction split: the DDI-aware default is avoid, and the example says what it moved.
+    assert ex[2].startswith("set: topk:10, avoid")
+    assert ex[16].startswith("run saved in") and ex[15] == "DDI pairs in this set: 0"
+    assert ex[14].startswith("displaced: ")
     assert "med_jaccard" not in text
 
 

@@ -12,9 +12,21 @@ in the dataset (``--patient ID``), or both:
   dataset without visits) knows patients only by ID: ``--patient`` works, codes are refused.
 
 The patient's training medications are NOT excluded (re-prescription is legitimate in medication
-recommendation) but are flagged ``known``. Each row lists the other medications of the list it
-interacts with (the dataset's ``ddi`` relation), because a recommended set is judged by its DDI
-rate as much as by its accuracy.
+recommendation) but are flagged ``known``.
+
+What is recommended is a SET (:mod:`diffkg_fast.eval.sets`), because a set is what a clinician
+receives and what is judged, by its accuracy and by its DDI rate:
+
+- its size: ``--top N`` (the ``N`` best), else the rule the run chose on its validation visits
+  (``sets.json``), else the 10 best (a run without a visit split has no visits to choose on);
+- its DDI mode, ``--ddi off|avoid|penalty=W``: by default the DDI-aware mode the run chose on
+  validation, else ``avoid`` on data with a ``ddi`` relation (no validation visits to choose a
+  ``W`` on: ``avoid`` has no parameter, and is the end of the penalty family that admits no
+  interacting pair), else ``off``.
+
+Each row lists the other medications of the set it interacts with; a DDI-aware set also lists
+what it changed: each medication of the plain set it left out, and the chosen medications it
+interacts with (why it was displaced).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,15 +44,17 @@ import torch
 
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
+from diffkg_fast.eval.sets import SetRule, displaced, parse_ddi, select_sets
 from diffkg_fast.model.base import Patients
+from diffkg_fast.model.ddi_loss import has_ddi
 from diffkg_fast.model.patients import codes_to_entities, patient_code_matrix, row_mean_csr
 from diffkg_fast.ops.graph import torch_csr
-from diffkg_fast.train.evaluation import has_visit_split
+from diffkg_fast.train.evaluation import ddi_adjacency, has_visit_split
 from diffkg_fast.train.output import FORMATS
 from diffkg_fast.train.run_folder import LoadedRun, load_run
 
-__all__ = ["cmd_recommend", "ddi_pairs", "format_example", "format_recommendations",
-           "recommend", "split_codes"]
+__all__ = ["RecommendedSet", "cmd_recommend", "ddi_pairs", "format_example",
+           "format_recommendations", "recommend", "recommend_set", "split_codes"]
 
 DEFAULT_TOP = 10
 NAME_WIDTH = 48  # the table's name column is cut here: names of ATC classes run to 90 chars
@@ -66,7 +81,7 @@ def _label(ds: KGDataset, item: int) -> str:
 
 
 def _has_ddi(ds: KGDataset) -> bool:
-    return "ddi" in ds.relation_names
+    return has_ddi(ds)
 
 
 def _model_desc(run: LoadedRun) -> str:
@@ -101,20 +116,92 @@ def _scores(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
 
 
 # ------------------------------------------------------------------ recommend
-def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequence[str] = (),
-              patient: int | None = None, top: int = DEFAULT_TOP) -> list[dict[str, Any]]:
-    """The ``top`` highest-scoring medications, best first, one dict per row.
+@dataclass
+class RecommendedSet:
+    """What :func:`recommend_set` returns: ``rows`` (the set, best score first; keys in
+    :func:`recommend`), ``displaced`` (each medication of the plain set the DDI mode left out:
+    ``item``, ``code``, ``rank``, ``interacts_with``: labels of the set's medications it
+    interacts with), ``rule`` (the rule, as ``SetRule.describe``), ``mode`` (its DDI mode) and
+    ``source`` (where the rule came from)."""
 
-    Keys: ``rank`` (1-based), ``item`` (id), ``level`` (code prefix, e.g. ``ATC3``), ``code``
-    (without prefix), ``name``, ``score``, ``known`` (a training medication of ``patient``),
-    ``ddi_with`` (labels of the OTHER listed medications it interacts with). Codes are plain
-    ICD-9 strings or full entity codes; bad input raises :class:`DataError` naming the option.
-    Ties keep item order (a stable sort), so MostPop's equal counts rank reproducibly.
-    """
+    rows: list[dict[str, Any]]
+    displaced: list[dict[str, Any]]
+    rule: str
+    mode: str
+    source: str
+
+
+def _rule(run: LoadedRun, top: int | None, ddi: str | None) -> tuple[SetRule, str]:
+    """The set rule of a recommendation (module docstring) and where it came from."""
+    chosen = run.sets
+    base = (SetRule("topk", top) if top is not None
+            else chosen.plain if chosen is not None
+            else SetRule("topk", min(DEFAULT_TOP, run.ds.n_items)))
+    if ddi is not None:
+        mode, weight = parse_ddi(ddi)
+        if mode != "off" and not _has_ddi(run.ds):
+            raise DataError(f"needs the KG's 'ddi' relation, and dataset {run.ds.name!r} has "
+                            "none (or an empty one): only --ddi off applies", field="--ddi")
+        how = "given"
+    elif not _has_ddi(run.ds):
+        mode, weight, how = "off", 0.0, "the data has no ddi relation"
+    elif chosen is not None:
+        mode, weight, how = chosen.safe.mode, chosen.safe.weight, chosen.criterion
+    else:
+        mode, weight, how = "avoid", 0.0, "no validation visits to choose a penalty on"
+    size = ("given" if top is not None else "chosen on validation" if chosen is not None
+            else "default")
+    return base.with_ddi(mode, weight), f"size: {size}; DDI: {how}"
+
+
+def _n_codes(run: LoadedRun, n_given: int, patient: int | None) -> np.ndarray:
+    """The visit's number of codes for the ``visit_size`` rule: the codes given, else the
+    patient's mean over its training visits."""
+    v = run.ds.visits
+    if n_given or patient is None or v is None:
+        return np.array([n_given])
+    mine = (np.asarray(v.patient) == patient) & (np.asarray(v.split) == 0)
+    counts = (np.diff(np.asarray(v.diag_ptr)) + np.diff(np.asarray(v.proc_ptr)))[mine]
+    return np.array([float(counts.mean()) if len(counts) else 0.0])
+
+
+def recommend_set(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequence[str] = (),
+                  patient: int | None = None, top: int | None = None,
+                  ddi: str | None = None) -> RecommendedSet:
+    """The recommended medication set of a patient given by codes and/or ``patient``: its
+    size from ``top`` or the run's rule, its DDI mode from ``ddi`` (``off``, ``avoid``,
+    ``penalty=W``) or the run's (module docstring). Bad input raises :class:`DataError` naming
+    the option."""
     ds = run.ds
-    if not 1 <= top <= ds.n_items:
+    if top is not None and not 1 <= top <= ds.n_items:
         raise DataError(f"must be between 1 and {ds.n_items} (the number of items), got {top}",
                         field="--top")
+    diagnoses, procedures = _checked(run, diagnoses, procedures, patient)
+    rule, source = _rule(run, top, ddi)
+    scores = _scores(run, diagnoses, procedures, patient)
+    n_given = len(codes_to_entities(ds.entity_codes, diagnoses, procedures)) if (
+        diagnoses or procedures) else 0
+    n_codes = _n_codes(run, n_given, patient)
+    adj = ddi_adjacency(ds)
+    plain = select_sets(scores[None], rule.with_ddi("off"), None, n_codes)[0]
+    chosen = plain if rule.mode == "off" else select_sets(scores[None], rule, adj, n_codes)[0]
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    items = [int(i) for i in order if chosen[i]]
+    rows = _rows(run, items, rank, scores, patient)
+    moved = [] if adj is None else [
+        {"item": i, "code": _label(ds, i), "rank": int(rank[i]),
+         "interacts_with": [_label(ds, j) for j in sorted(why, key=lambda j: rank[j])]}
+        for i, why in displaced(plain, chosen, adj)]
+    return RecommendedSet(rows, sorted(moved, key=lambda d: d["rank"]), rule.describe(),
+                          rule.mode, source)
+
+
+def _checked(run: LoadedRun, diagnoses: Sequence[str], procedures: Sequence[str],
+             patient: int | None) -> tuple[list[str], list[str]]:
+    """The codes, stripped, after the checks every recommendation makes."""
+    ds = run.ds
     if patient is not None and not 0 <= patient < ds.n_users:
         raise DataError(f"patient {patient} is out of range; valid ids are 0 … {ds.n_users - 1}",
                         field="--patient")
@@ -128,8 +215,12 @@ def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequenc
                         "procedure codes: only a model that scores codes (DiffKG with "
                         "patient_codes=true, trained on a dataset with visits) does; pass "
                         "--patient ID instead", field="--diagnoses")
-    scores = _scores(run, diagnoses, procedures, patient)
-    items = [int(i) for i in np.argsort(-scores, kind="stable")[:top]]
+    return diagnoses, procedures
+
+
+def _rows(run: LoadedRun, items: list[int], rank: np.ndarray, scores: np.ndarray,
+          patient: int | None) -> list[dict[str, Any]]:
+    ds = run.ds
     known = set() if patient is None else set(ds.train[patient].indices.tolist())
     listed = set(items)
     interacts: dict[int, set[int]] = {i: set() for i in items}
@@ -139,38 +230,59 @@ def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequenc
                 interacts[a].add(b)
                 interacts[b].add(a)
     rows = []
-    for rank, i in enumerate(items, 1):
+    for i in items:
         level, code = _code_of(ds, i)
-        rows.append({"rank": rank, "item": i, "level": level, "code": code,
+        rows.append({"rank": int(rank[i]), "item": i, "level": level, "code": code,
                      "name": ds.entity_names[i] if ds.entity_names else "",
                      "score": float(scores[i]), "known": i in known,
                      "ddi_with": [_label(ds, j) for j in items if j in interacts[i]]})
     return rows
 
 
+def recommend(run: LoadedRun, diagnoses: Sequence[str] = (), procedures: Sequence[str] = (),
+              patient: int | None = None, top: int | None = None,
+              ddi: str | None = None) -> list[dict[str, Any]]:
+    """The rows of :func:`recommend_set`: the set's medications, best first, one dict each.
+
+    Keys: ``rank`` (1-based, in the patient's full ranking: a DDI-aware set may skip ranks),
+    ``item`` (id), ``level`` (code prefix, e.g. ``ATC3``), ``code`` (without prefix), ``name``,
+    ``score``, ``known`` (a training medication of ``patient``), ``ddi_with`` (labels of the
+    OTHER medications of the set it interacts with). ``ddi="off"`` with ``top=N`` is the plain
+    top ``N`` of the ranking. Codes are plain ICD-9 strings or full entity codes. Ties keep item
+    order (a stable sort), so MostPop's equal counts rank reproducibly.
+    """
+    return recommend_set(run, diagnoses, procedures, patient, top, ddi).rows
+
+
 def ddi_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The interacting pairs of a :func:`recommend` list, each once, in rank order."""
+    """The interacting pairs of a :func:`recommend` set, each once, in rank order."""
     labels = [r["code"] or f"#{r['item']}" for r in rows]
     return [(labels[i], labels[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))
             if labels[j] in rows[i]["ddi_with"]]
 
 
 # ------------------------------------------------------------------ output
-def format_recommendations(rows: Sequence[dict[str, Any]], fmt: str = "table", *,
+def format_recommendations(rec: RecommendedSet, fmt: str = "table", *,
                            diagnoses: Sequence[str] = (), procedures: Sequence[str] = (),
                            patient: int | None = None, ddi: bool = True) -> str:
-    """A :func:`recommend` list as an aligned table (with a DDI footer), JSON or CSV.
+    """A :func:`recommend_set` result as an aligned table, JSON or CSV.
 
-    JSON is one object: the inputs echoed (``diagnoses``, ``procedures``, ``patient``), the
-    ``ddi_pairs`` and the ``recommendations``; CSV one row per medication (``ddi_with``
-    joined by ``;``, ``known`` as ``true``/``false`` as in JSON). The table shows the
-    ``known`` column only with a patient, and ``ddi=False`` (a dataset without a ``ddi``
-    relation) drops the footer, which would claim a safety it never checked.
+    The table: a ``set:`` line (the rule and where it came from), one row per medication, then,
+    with ``ddi``, the ``displaced:`` line (what the DDI mode left out, and the interactions
+    why; only for a DDI-aware rule) and the DDI pairs left in the set. ``ddi=False`` (a dataset
+    without a ``ddi`` relation) drops both, which would claim a safety never checked, and the
+    ``ddi_with`` column. The ``known`` column shows only with a patient. JSON is one object:
+    the inputs echoed (``diagnoses``, ``procedures``, ``patient``), ``set_rule``,
+    ``rule_source``, ``displaced``, ``ddi_pairs`` and the ``recommendations``; CSV one row per
+    medication (``ddi_with`` joined by ``;``, ``known`` as ``true``/``false`` as in JSON).
     """
+    rows = rec.rows
     pairs = ddi_pairs(rows)
     if fmt == "json":
         return json.dumps({"diagnoses": list(diagnoses), "procedures": list(procedures),
-                           "patient": patient, "ddi_pairs": [list(p) for p in pairs],
+                           "patient": patient, "set_rule": rec.rule,
+                           "rule_source": rec.source, "displaced": rec.displaced,
+                           "ddi_pairs": [list(p) for p in pairs],
                            "recommendations": list(rows)}, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
@@ -183,6 +295,19 @@ def format_recommendations(rows: Sequence[dict[str, Any]], fmt: str = "table", *
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
         raise DataError(f"unknown format; expected one of {FORMATS}", field="--format")
+    out = [f"set: {rec.rule} ({rec.source})", *_table(rows, patient, ddi)]
+    if ddi and rec.mode != "off":
+        out.append("displaced: " + (", ".join(
+            f"{d['code']} (rank {d['rank']}; interacts with {', '.join(d['interacts_with'])})"
+            for d in rec.displaced) or "none"))
+    if ddi:
+        listed = ", ".join(f"{a}-{b}" for a, b in pairs)
+        out.append(f"DDI pairs in this set: {len(pairs)}" + (f" ({listed})" if pairs else ""))
+    return "\n".join(out)
+
+
+def _table(rows: Sequence[dict[str, Any]], patient: int | None, ddi: bool) -> list[str]:
+    """The aligned header and rows of a set."""
     cols: list[tuple[str, list[str], bool]] = [  # (header, cells, right-aligned)
         ("rank", [str(r["rank"]) for r in rows], True),
         ("item", [str(r["item"]) for r in rows], True),
@@ -201,12 +326,8 @@ def format_recommendations(rows: Sequence[dict[str, Any]], fmt: str = "table", *
                          for c, w, (_, _, right) in zip(cells, widths, cols, strict=True)
                          ).rstrip()
 
-    out = [line([h for h, _, _ in cols])]
-    out += [line([cells[k] for _, cells, _ in cols]) for k in range(len(rows))]
-    if ddi:
-        listed = ", ".join(f"{a}-{b}" for a, b in pairs)
-        out.append(f"DDI pairs in this list: {len(pairs)}" + (f" ({listed})" if pairs else ""))
-    return "\n".join(out)
+    return [line([h for h, _, _ in cols])] + [line([cells[k] for _, cells, _ in cols])
+                                              for k in range(len(rows))]
 
 
 def _cut(name: str) -> str:
@@ -233,16 +354,17 @@ def _example_visit(ds: KGDataset) -> int | None:
 
 def format_example(run: LoadedRun, top: int = DEFAULT_TOP) -> str:
     """The example recommendation ``train`` prints after its results table (a blank line, then
-    ≤ 14 lines; a visit's long code lists are cut): the top ``top`` for one visit's codes (or, for a
-    model without codes, that visit's patient), or the top items of user 0 on data without
-    visits. It shows what the run produces and how ``recommend`` would ask for it."""
+    ≤ 16 lines; a visit's long code lists are cut): the set of the ``top`` best for one visit's
+    codes (or, for a model without codes, that visit's patient), or for user 0 on data without
+    visits, under the run's DDI mode (module docstring: DDI-aware by default). It shows what the
+    run produces and how ``recommend`` would ask for it."""
     ds = run.ds
     top = min(top, ds.n_items)
     vid = _example_visit(ds)
     if vid is None:
-        rows = recommend(run, patient=0, top=top)
-        return (f"\nexample: top {top} items of user 0\n"
-                + format_recommendations(rows, patient=0, ddi=_has_ddi(ds)))
+        rec = recommend_set(run, patient=0, top=top)
+        return (f"\nexample: {top} items for user 0\n"
+                + format_recommendations(rec, patient=0, ddi=_has_ddi(ds)))
     assert ds.visits is not None
     v = ds.visits
     diag = [ds.entity_codes[e] for e in v.diag[v.diag_ptr[vid]:v.diag_ptr[vid + 1]]]
@@ -250,22 +372,21 @@ def format_example(run: LoadedRun, top: int = DEFAULT_TOP) -> str:
     head = (f"\nexample: recommend for diagnoses {_short([c.partition(':')[2] for c in diag])} "
             f"procedures {_short([c.partition(':')[2] for c in proc])}")
     if "codes" in run.model.patient_inputs:
-        rows = recommend(run, diag, proc, None, top)
-        return head + "\n" + format_recommendations(rows, ddi=_has_ddi(ds))
+        rec = recommend_set(run, diag, proc, None, top)
+        return head + "\n" + format_recommendations(rec, ddi=_has_ddi(ds))
     p = int(v.patient[vid])
-    rows = recommend(run, patient=p, top=top)
+    rec = recommend_set(run, patient=p, top=top)
     return (head + f"\nranked as --patient {p}: this run's model ({_model_desc(run)}) "
             "cannot use codes\n"
-            + format_recommendations(rows, patient=p, ddi=_has_ddi(ds)))
+            + format_recommendations(rec, patient=p, ddi=_has_ddi(ds)))
 
 
 # ------------------------------------------------------------------ command
 def cmd_recommend(args: argparse.Namespace) -> int:
-    """``diffkg-fast recommend DIR``: the top medications for codes and/or a patient."""
+    """``diffkg-fast recommend DIR``: the medication set for codes and/or a patient."""
     run = load_run(args.run_dir, args.data, args.device)
     diagnoses, procedures = split_codes(args.diagnoses), split_codes(args.procedures)
-    top = min(DEFAULT_TOP, run.ds.n_items) if args.top is None else args.top
-    rows = recommend(run, diagnoses, procedures, args.patient, top)
-    print(format_recommendations(rows, args.format, diagnoses=diagnoses, procedures=procedures,
+    rec = recommend_set(run, diagnoses, procedures, args.patient, args.top, args.ddi)
+    print(format_recommendations(rec, args.format, diagnoses=diagnoses, procedures=procedures,
                                  patient=args.patient, ddi=_has_ddi(run.ds)))
     return 0
