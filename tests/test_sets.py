@@ -51,6 +51,15 @@ def test_toy_sets_by_hand() -> None:
     assert displaced(plain, safe, TOY_ADJ) == [(1, [0, 3])]
 
 
+def test_penalised_ties_go_to_the_better_ranked_medication() -> None:
+    """z = s exactly here (mean 0, std 1). After med 1, med 3 (score 1, interacting: 1 - 2 =
+    -1) ties with meds 0 and 2 (-1): the greedy goes down the ranking, so 3, not the lower
+    id 0."""
+    scores = np.array([[-1.0, 1.0, -1.0, 1.0]])
+    adj = ddi_matrix(np.array([[1, 3]]), 4)
+    assert _ids(select_sets(scores, SetRule("topk", 2, "penalty", 2.0), adj)) == [[1, 3]]
+
+
 def test_threshold_rule_by_hand() -> None:
     z = standardise(TOY)[0]
     assert z == pytest.approx(np.array([2, 1, 0, -1, -2]) / math.sqrt(2))
