@@ -44,7 +44,10 @@ DIFFKG_ROWS: dict[str, dict[str, Any]] = {
                                                "use_diffusion": False},
 }
 RANK_COLS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "recall@40", "ndcg@40")
-MED_COLS = ("med_jaccard", "med_f1", "med_prauc", "med_ddi_rate", "med_avg_meds")
+# Visit-split data only: the set rule chosen on validation (med_) and its DDI-aware twin (safe_;
+# docs/medication-safety.md).
+MED_COLS = ("med_jaccard", "med_f1", "med_prauc", "med_ddi_rate", "med_avg_meds",
+            "safe_jaccard", "safe_f1", "safe_ddi_rate", "safe_avg_meds")
 REFUSED = "cannot score patients it has never seen"
 
 
