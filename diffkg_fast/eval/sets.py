@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -83,14 +84,14 @@ class SetRule:
             return base
         return base + (", avoid" if self.mode == "avoid" else f", penalty={self.weight:g}")
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "fit": list(self.fit)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> SetRule:
-        fit = d.get("fit", (0.0, 0.0))
-        return cls(str(d["kind"]), float(d["param"]), str(d.get("mode", "off")),  # type: ignore[arg-type]
-                   float(d.get("weight", 0.0)), (float(fit[0]), float(fit[1])))  # type: ignore[index,arg-type]
+    def from_dict(cls, d: dict[str, Any]) -> SetRule:
+        a, b = d.get("fit", (0.0, 0.0))
+        return cls(str(d["kind"]), float(d["param"]), str(d.get("mode", "off")),
+                   float(d.get("weight", 0.0)), (float(a), float(b)))
 
 
 def parse_ddi(text: str) -> tuple[str, float]:
