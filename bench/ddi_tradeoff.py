@@ -31,6 +31,7 @@ import torch
 from diffkg_fast.data.build import parse_sets
 from diffkg_fast.data.open import open_dataset
 from diffkg_fast.eval.medication import ddi_rate, visit_med_matrix
+from diffkg_fast.eval.set_choice import PENALTY_WEIGHTS
 from diffkg_fast.eval.sets import SetRule
 from diffkg_fast.train import train
 from diffkg_fast.train.config import config_defaults, resolve_config
@@ -48,7 +49,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # act on a BPR model (docs/medication-safety.md).
     "DiffKG + DDI loss, ddi_scale 0.05": {"ddi_loss": True, "ddi_scale": 0.05},
 }
-CURVE_W = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
+CURVE_W = PENALTY_WEIGHTS  # the choice's own grid
 METRICS = ("jaccard", "f1", "prauc", "ddi_rate", "avg_meds")
 # SafeDrug's published test figures (Yang et al., IJCAI 2021, Table 2: SafeDrug on the
 # SafeDrug-processed MIMIC-III): another cohort, drawn for orientation only.
