@@ -92,6 +92,8 @@ class DDILoss(nn.Module):
     def __init__(self, pairs: np.ndarray, n_items: int, set_size: int, *, target_ddi: float,
                  kp: float, ddi_scale: float) -> None:
         super().__init__()
+        if n_items < 2:
+            raise ValueError(f"a DDI loss needs at least two medications, got {n_items}")
         p = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         if len(p) and (p.min() < 0 or p.max() >= n_items):
             raise ValueError(f"DDI pair id outside [0, {n_items})")
