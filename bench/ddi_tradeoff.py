@@ -48,6 +48,10 @@ ROWS: dict[str, dict[str, Any]] = {
     # SafeDrug's constant 0.0005 was set for its own BCE loss; 100 times it, to see the option
     # act on a BPR model (docs/medication-safety.md).
     "DiffKG + DDI loss, ddi_scale 0.05": {"ddi_loss": True, "ddi_scale": 0.05},
+    # Table 3 baselines that score unseen patients from their known medications.
+    "MultiVAE": {"model": "multivae"},
+    "CDAE": {"model": "cdae"},
+    "DiffRec": {"model": "diffrec"},
 }
 CURVE_W = PENALTY_WEIGHTS  # the choice's own grid
 METRICS = ("jaccard", "f1", "prauc", "ddi_rate", "avg_meds")
@@ -169,6 +173,9 @@ def main() -> None:
     ap.add_argument("--preset", default="medication")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    ap.add_argument("--include", nargs="*", default=[], metavar="JSON",
+                    help="earlier --out files whose runs join the table and the plot (rows "
+                         "already there are not trained again)")
     ap.add_argument("--curve-rows", nargs="*", metavar="ROW",
                     default=["MostPop", "DiffKG", "DiffKG + DDI loss",
                              "DiffKG + DDI loss, ddi_scale 0.05"])
@@ -179,15 +186,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = open_dataset(args.data)
-    runs = [_one(ds, row, seed, args) for seed in args.seeds for row in args.rows]
+    runs: list[dict[str, Any]] = []
+    for path in args.include:
+        with open(path, encoding="utf-8") as f:
+            runs += json.load(f)["runs"]
+    done = {(r["row"], r["seed"]) for r in runs}
+    runs += [_one(ds, row, seed, args) for seed in args.seeds for row in args.rows
+             if (row, seed) not in done]
+    shown = list(dict.fromkeys([r["row"] for r in runs] + args.rows))
     assert ds.visits is not None
     # The prescriptions' own rate: where a model that copied clinicians would sit.
     truth_rate = ddi_rate(visit_med_matrix(ds.visits, ds.n_items, SPLIT_ID["test"]),
                           ds.triplets_of("ddi"), ds.n_items)
     target = next(r["sets"]["target_ddi"] for r in runs if "sets" in r)
-    print(f"\n{args.data}, preset {args.preset}, seeds {args.seeds}, {args.threads} thread(s); "
+    print(f"\n{args.data}, preset {args.preset}, seeds {args.seeds}, {args.threads} thread(s)"
+          f"{' with ' + ', '.join(args.include) if args.include else ''}; "
           f"test prescriptions' DDI rate {truth_rate:.4f}; target_ddi {target}\n")
-    print("\n".join(_table(runs, args.rows)))
+    print("\n".join(_table(runs, shown)))
     if args.out:
         with atomic_write(args.out, "w") as f:
             json.dump({"truth_ddi_rate": truth_rate, "runs": runs}, f, indent=2)
