@@ -19,11 +19,11 @@ and ``β_u``, and::
 
     L = mean_b β_{u_b} bpr_b  +  mean_u (1 − β_u) c L_DDI,u
 
-over the batch's triples ``b`` (patient ``u_b``) and its distinct patients ``u``. (PyHealth's
-batched SafeDrug layer, ``sunlabuiuc/PyHealth`` ``pyhealth/models/safedrug.py``, pools one rate
-over the batch instead: measured here, a pooled rate barely leaves the population's, so ``β``
-stayed near 0.8–1 in every batch and the penalty hardly acted; per patient, an unsafe patient's
-ranking is penalised whatever the batch.) ``max(0, …)`` is PyHealth's too; SafeDrug's script
+over the batch's triples ``b`` (patient ``u_b``) and its distinct patients ``u``: an unsafe
+patient's ranking is penalised, a safe one's is not. (PyHealth's batched SafeDrug layer,
+``sunlabuiuc/PyHealth`` ``pyhealth/models/safedrug.py``, pools one rate over the batch instead;
+the pooled rate of ~900 patients sits at the population's, so every batch gets nearly the same
+``β``.) ``max(0, …)`` is PyHealth's too; SafeDrug's script
 has ``min(0, …)``, which gives ``β <= 0`` (a NEGATIVE weight on the accuracy loss) whenever a
 rate exceeds the target, where ``β`` must lie in ``[0, 1]`` to weigh two losses.
 
