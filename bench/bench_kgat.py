@@ -2,7 +2,7 @@
 
 Run ``OMP_NUM_THREADS=1 pytest bench/bench_kgat.py --benchmark-only`` (one torch thread: the CPU
 machine is shared). The default synthetic cohort (6,350 patients, 112 medications, 3,573
-entities): the CKG has 9,923 nodes and ~313k edges (2 × 141,831 interactions, 2 × 14,615 KG
+entities): the CKG has 9,923 nodes and 312,892 edges (2 × 141,831 interactions, 2 × 14,615 KG
 triplets), 9 relations; KGAT's defaults (d = k = 64, layers 64-32-16, bi-interaction).
 
 Groups and providers:
