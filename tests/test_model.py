@@ -253,7 +253,8 @@ def test_an_epoch_start_trains_the_denoiser_and_rebuilds_a_subset() -> None:
     m = _diffkg(train, kg, latdim=8, rebuild_k=3, keepRate=1.0, batch=8)
     before = [p.detach().clone() for p in m.diffusion.denoiser.parameters()]
     report = m.on_epoch_start(0)
-    assert set(report.time) == {"diffusion", "rebuild"} and report.loss["diff_loss"] > 0
+    assert set(report.time) == {"diffusion", "rebuild", "kg_quality"}
+    assert report.loss["diff_loss"] > 0 and "rebuild_precision" in report.info
     assert any(not torch.equal(a, b) for a, b in zip(before, m.diffusion.denoiser.parameters(),
                                                      strict=True))
     full = set(map(tuple, m.kg_full.to_triplets().tolist()))
