@@ -29,6 +29,7 @@ from diffkg_fast.model.losses import bpr_loss, l2_reg
 from diffkg_fast.ops.backend import has_kernel
 from diffkg_fast.ops.graph import norm_adjacency
 from diffkg_fast.ops.propagation import const_spmm, lightgcn_propagate
+from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["LightGCN", "propagate"]
@@ -92,7 +93,8 @@ class LightGCN(EmbeddingRecommender):
     def forward(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """BPR + L2 over one batch (one propagation)."""
         u, i = self._eval_outputs()  # no dropout: the training forward is the scoring one
-        bpr = bpr_loss(u[batch.users], i[batch.pos], i[batch.neg])
+        # rows(), not u[batch.users]: the indexing backward sums at two threads in timing order.
+        bpr = bpr_loss(rows(u, batch.users), rows(i, batch.pos), rows(i, batch.neg))
         reg = l2_reg(self.parameters(), self.reg)
         return bpr + reg, {"bpr": bpr.detach(), "reg": reg.detach(),
                            "cl": torch.zeros((), device=bpr.device)}

@@ -48,6 +48,7 @@ from diffkg_fast.model.diffkg.quality import KGQuality
 from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
 from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
+from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["DiffKG"]
@@ -189,10 +190,11 @@ class DiffKG(EmbeddingRecommender):
         kg1, kg2 = self.views()
         users, pos, neg = batch
         v1 = self.encoder(kg1, self.dropout_generator)
-        bpr = bpr_loss(v1.users[users], v1.items[pos], v1.items[neg])
+        # rows(), not v1.users[users]: the indexing backward sums at two threads in timing order.
+        bpr = bpr_loss(rows(v1.users, users), rows(v1.items, pos), rows(v1.items, neg))
         parts = {"bpr": bpr.detach()}
         if v1.codes is not None:
-            code_bpr = bpr_loss(v1.codes[users], v1.items[pos], v1.items[neg])
+            code_bpr = bpr_loss(rows(v1.codes, users), rows(v1.items, pos), rows(v1.items, neg))
             bpr = bpr + code_bpr
             parts["code_bpr"] = code_bpr.detach()
         reg = l2_reg(self.encoder.parameters(), self.reg)
