@@ -9,13 +9,15 @@ from __future__ import annotations
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.model.diffkg import DiffKG
+from diffkg_fast.model.kgcn import KGCN
 from diffkg_fast.model.kgin import KGIN
 from diffkg_fast.model.lightgcn import LightGCN
 from diffkg_fast.model.mostpop import MostPop
 
 __all__ = ["MODELS", "get_model", "register_model"]
 
-MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (DiffKG, KGIN, LightGCN, MostPop)}
+MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (DiffKG, KGCN, KGIN, LightGCN,
+                                                                   MostPop)}
 
 
 def get_model(name: str) -> type[Recommender]:
