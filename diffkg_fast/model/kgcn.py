@@ -170,29 +170,57 @@ class KGCN(Recommender):
         for h, r in enumerate(rels):
             s = table[:, r[0]] if shared else torch.gather(table, 1, r.reshape(b, -1))
             weights.append(torch.softmax(s.view(b, j, k**h, k), dim=-1))
-        vecs = [self.entity[e] for e in ents]  # (1 or B, J, K^h, d)
+        vecs: list[Tensor] = []
         for i in range(self.n_iter):
             act = torch.tanh if i == self.n_iter - 1 else F.relu
-            vecs = [act(self._mix(i, vecs[h], vecs[h + 1], weights[h]))
+            vecs = [act(self._first(ents[h], ents[h + 1], weights[h]) if i == 0
+                        else self._mix(i, vecs[h], vecs[h + 1], weights[h]))
                     for h in range(self.n_iter - i)]
         return vecs[0][:, :, 0]
 
+    def _first(self, own: Tensor, children: Tensor, w: Tensor) -> Tensor:
+        """Iteration 0's node update before the activation, ``(B, J, M, d)``, from entity ids
+        ``own`` (X, J, M) and ``children`` (X, J, M·K), X 1 (shared by the users) or B, and the
+        weights ``w`` (B, J, M, K).
+
+        Its inputs are the embedding table itself, so the layer is applied to the table first:
+        ``W [e; n] + b = (W_a e + b) + sum_k (w_k / K) W_b e_k`` (``W_a = W_b = W`` for ``sum``,
+        ``W_a = 0`` for ``neighbor``, the two halves of ``W`` for ``concat``), the same value
+        with a ``d × d`` product per entity instead of per (user, node); for the shared items of
+        scoring the result is laid out item-major (a permuted view), which ``bmm`` writes
+        without a copy.
+        """
+        d, k = self.dim, self.k
+        layer = self.layers[0]
+        w_own, w_kid = {"sum": (layer.weight, layer.weight),
+                        "neighbor": (None, layer.weight),
+                        "concat": (layer.weight[:, :d], layer.weight[:, d:])}[self.aggregator]
+        t_kid = self.entity @ w_kid.T
+        base = layer.bias if w_own is None else torch.addmm(layer.bias, self.entity, w_own.T)
+        if w_own is None:
+            base = base.expand(self.n_entities, d)
+        b, j, m = w.shape[0], w.shape[1], w.shape[2]
+        wk = w / k
+        if own.shape[0] == 1 and b > 1:
+            kids = t_kid[children[0]].view(j * m, k, d)
+            z = torch.bmm(wk.permute(1, 2, 0, 3).reshape(j * m, b, k), kids)
+            z = z.view(j, m, b, d) + base[own[0]].unsqueeze(2)
+            return z.permute(2, 0, 1, 3)
+        kids = t_kid[children].view(b, j, m, k, d)
+        return torch.einsum("bjmk,bjmkd->bjmd", wk, kids) + base[own]
+
     def _mix(self, i: int, own: Tensor, children: Tensor, w: Tensor) -> Tensor:
-        """One node update of iteration ``i``: ``own`` (X, J, M, d), ``children`` (X, J, M·K,
-        d) with X 1 (shared by the users) or B, ``w`` (B, J, M, K)."""
-        x, j, m, d = children.shape[0], children.shape[1], own.shape[2], own.shape[3]
-        kids = children.view(x, j, m, self.k, d)
-        if x == 1 and w.shape[0] > 1:  # one contraction per (item, node), no B-fold copy
-            agg = torch.einsum("bjmk,jmkd->bjmd", w, kids[0])
-        else:
-            agg = torch.einsum("bjmk,bjmkd->bjmd", w, kids)
-        agg = agg / self.k
+        """Iteration ``i >= 1``'s node update before the activation: ``own`` (B, J, M, d),
+        ``children`` (B, J, M·K, d), ``w`` (B, J, M, K)."""
+        b, j, m, d = own.shape
+        kids = children.reshape(b, j, m, self.k, d)
+        agg = torch.einsum("bjmk,bjmkd->bjmd", w, kids) / self.k
         if self.aggregator == "sum":
             z = own + agg
         elif self.aggregator == "neighbor":
             z = agg
         else:
-            z = torch.cat((own.expand_as(agg), agg), dim=-1)
+            z = torch.cat((own, agg), dim=-1)
         return self.layers[i](z)
 
     # ------------------------------------------------------------------ training
