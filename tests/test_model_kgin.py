@@ -12,7 +12,7 @@ import torch
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import PairBatch
-from diffkg_fast.model.kgin import KGIN, independence_loss, scatter_mean
+from diffkg_fast.model.kgin import KGIN, _mean_interactions, independence_loss, scatter_mean
 from diffkg_fast.train import make_config, train
 
 U, N_ITEMS, N_ENT, R = 12, 5, 9, 3
@@ -122,6 +122,12 @@ def test_scatter_mean_is_the_per_index_mean() -> None:
         rows = [src[e] for e in range(6) if index[e] == k]
         want = sum(rows) / len(rows) if rows else torch.zeros(3)
         torch.testing.assert_close(got[k], want)
+    # and the user mean's matrix (RecBole's interact_mat): 1/deg(u) on each interaction
+    train, _ = _toy()
+    rowptr, col, val = _mean_interactions(train, U, N_ITEMS)
+    dense = torch.sparse_csr_tensor(rowptr, col, val, size=(U, N_ITEMS)).to_dense()
+    rows = torch.from_numpy(train.toarray())
+    torch.testing.assert_close(dense, rows / rows.sum(1, keepdim=True).clamp(min=1))
 
 
 @pytest.mark.parametrize("ind", ["cosine", "distance", "mi"])
