@@ -80,6 +80,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return cmd_evaluate(args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from diffkg_fast.train.compare import cmd_compare
+    return cmd_compare(args)
+
+
 def _cmd_recommend(args: argparse.Namespace) -> int:
     from diffkg_fast.train.recommend import cmd_recommend
     return cmd_recommend(args)
@@ -160,6 +165,22 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     v.add_argument("--data", help="dataset file or 'synthetic' (default: DIR/data.json's)")
     v.add_argument("--device", help="cpu, cuda or cuda:N; overrides the run's device")
     v.set_defaults(func=_cmd_evaluate)
+
+    c = top.add_parser("compare", help="every registered model on one dataset, over seeds",
+                       description="Train every row (each registered model, DiffKG's "
+                                   "variants) on one dataset and split for each seed, and "
+                                   "write OUT/compare.json (resumable), compare.md, "
+                                   "compare.png.")
+    c.add_argument("--data", help="as train's --data (default: synthetic)")
+    c.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="rows to run (default: all; names as printed, e.g. MultiVAE 'DiffKG')")
+    c.add_argument("--seeds", nargs="+", type=int, default=[421, 422, 423])
+    c.add_argument("--preset", metavar="NAME", help="as train's --preset")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value for every row whose model takes the key")
+    c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    c.set_defaults(func=_cmd_compare)
 
     r = top.add_parser("recommend", help="top medications of a run for codes and/or a patient")
     r.add_argument("run_dir", metavar="DIR",

@@ -280,3 +280,12 @@ def test_eval_every_validates_the_chosen_epochs_and_the_last(ds) -> None:
     res = train(ds, _cfg(model="lightgcn", epoch=5, eval_every=2), log=_quiet)
     assert [bool(h["val"]) for h in res.history] == [True, False, True, False, True]
     assert res.best_epoch in (0, 2, 4)
+
+
+def test_valid_metric_ndcg_selects_on_ndcg(ds) -> None:
+    res = train(ds, _cfg(model="lightgcn", epoch=4, lr=1e-2, valid_metric="ndcg", topk=10),
+                log=_quiet)
+    ndcg = [h["val"]["ndcg@10"] for h in res.history]
+    assert res.best_epoch == int(np.argmax(ndcg))
+    with pytest.raises(DataError, match="valid_metric"):
+        _cfg(valid_metric="mrr")

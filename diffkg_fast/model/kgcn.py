@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkg_fast.model.base import PairBatch, Recommender, check_options
-from diffkg_fast.model.losses import bpr_loss, emb_loss
+from diffkg_fast.model.losses import bpr_loss, emb_norm_reg
 from diffkg_fast.ops.graph import KGCSR
 from diffkg_fast.utils.seed import rng_stream
 
@@ -235,7 +235,7 @@ class KGCN(Recommender):
             rec = torch.cat((F.softplus(-ys_pos), F.softplus(ys_neg))).mean()
         else:
             rec = bpr_loss(u, pos, neg)
-        reg = self.reg_weight * emb_loss(u, pos, neg)
+        reg = self.reg_weight * emb_norm_reg(u, pos, neg)
         return rec + reg, {self.loss_type: rec.detach(), "reg": reg.detach()}
 
     # ------------------------------------------------------------------ scoring

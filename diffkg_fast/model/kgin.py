@@ -23,7 +23,7 @@ intent pairs of their squared cosine; ``distance``, the sum over pairs of their 
 correlation; ``mi``, ``-sum_p log softmax_q(<w_p, w_q> / temperature)_p`` over normalised rows.
 As in RecBole and the authors' code, ``beta`` attends with ``L``, a table of its own (the paper
 writes ``<e_u, e_p>``), and the regulariser is RecBole's ``EmbLoss``: Frobenius norms, not
-squared, of the batch's propagated embeddings (:func:`~diffkg_fast.model.losses.emb_loss`).
+squared, of the batch's propagated embeddings (:func:`~diffkg_fast.model.losses.emb_norm_reg`).
 
 KG edges. The stored triplets as they are, ``(h, r, t)`` aggregated into ``h`` (RecBole's
 ``kg_graph``; ``kg_reverse_r`` false, RecBole's default); with ``kg_reverse_r`` the inverses
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffkg_fast.model.base import EmbeddingRecommender, PairBatch, check_options
-from diffkg_fast.model.losses import bpr_loss, emb_loss
+from diffkg_fast.model.losses import bpr_loss, emb_norm_reg
 from diffkg_fast.ops.attention import dropout_mask
 from diffkg_fast.ops.spmm import csr_spmm
 from diffkg_fast.utils.seed import rng_stream
@@ -242,7 +242,7 @@ class KGIN(EmbeddingRecommender):
         u, e = self._propagate(dropout=self.training)
         ub, pb, nb = u[batch.users], e[batch.pos], e[batch.neg]
         bpr = bpr_loss(ub, pb, nb)
-        reg = self.reg_weight * emb_loss(ub, pb, nb)
+        reg = self.reg_weight * emb_norm_reg(ub, pb, nb)
         cor = self.sim_regularity * independence_loss(self.disen_weight_att, self.ind,
                                                       self.temperature)
         return bpr + reg + cor, {"bpr": bpr.detach(), "reg": reg.detach(), "cor": cor.detach()}

@@ -2,7 +2,7 @@
 
 - BPR (Rendle et al., UAI 2009): ``-mean log sigmoid(<u, i+> - <u, i->)``;
 - L2: ``reg * sum ||theta||^2`` (DiffKG's ``calcRegLoss`` times ``args.reg``);
-- RecBole's ``EmbLoss``: ``sum_k ||E_k||_F / B`` over a batch's embeddings (norms, NOT squared);
+- RecBole's embedding norm: ``sum_k ||E_k||_F / B`` over a batch's embeddings (KGAT, KGIN, KGCN);
 - InfoNCE (the contrastive loss of DiffKG, Jiang et al., WSDM 2024; as in SGL, Wu et al.,
   SIGIR 2021): agreement of each node's two views against every other node of view 2.
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from diffkg_fast.ops.contrastive import logsumexp_mm
 
-__all__ = ["bpr_loss", "emb_loss", "info_nce", "l2_reg"]
+__all__ = ["bpr_loss", "emb_norm_reg", "info_nce", "l2_reg"]
 
 
 def bpr_loss(u: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
@@ -31,13 +31,6 @@ def l2_reg(params: Iterable[Tensor], reg: float) -> Tensor:
     """``reg * sum ||theta||^2`` over ``params``."""
     params = list(params)
     return reg * sum(p.pow(2).sum() for p in params)
-
-
-def emb_loss(*embeddings: Tensor) -> Tensor:
-    """RecBole 1.2.1's ``EmbLoss()(*embeddings)`` (``require_pow=False``, its default):
-    ``sum_k ||E_k||_F / B``, the Frobenius norms (not squared) of the batch's embeddings over
-    the batch size ``B`` (rows of the last one). KGIN and KGCN regularise with it."""
-    return sum(e.norm() for e in embeddings) / embeddings[-1].shape[0]
 
 
 def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor:
@@ -55,3 +48,10 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     z2 = F.normalize(view2, dim=-1)
     pos = (z1 * z2[nodes]).sum(-1)
     return (logsumexp_mm(z1, z2) - pos).mean()
+
+
+def emb_norm_reg(*embeddings: Tensor) -> Tensor:
+    """RecBole's ``EmbLoss`` (``require_pow=False``, its default): ``sum_k ||E_k||_F / B``, the
+    Frobenius norms (not squared) of the batch's embedding tables over the batch size ``B``
+    (rows of the last table). KGAT and KGIN regularise with it, times ``reg_weight``."""
+    return sum(e.norm(p=2) for e in embeddings) / embeddings[-1].shape[0]

@@ -9,6 +9,13 @@ adjacency (``abar`` = alphas_cumprod, ``f`` = denoiser, ``λ`` = ``e_loss``)::
     loss    = (1-λ) mean_b[w_t ‖x0 - x̂0‖² / E] + λ mean_b[‖x̂0[:, :I] (Rᵀ U) - E_b‖² / d]
     w_t     = SNR(t-1) - SNR(t), w_0 = 1,  SNR(t) = abar_t / (1 - abar_t)
     x_{t-1} = c1_t f(x_t, t) + c2_t x_t,  t = T-1 … 0, no noise          (sample)
+
+DiffRec (:mod:`diffkg_fast.model.diffrec`) runs the same schedule, denoiser, loss and sampler on
+user × item rows, with what DiffKG does not need: a ``"linear"`` schedule and its own ``beta_0``
+(:class:`DiffusionSchedule`), per-row loss weights and per-step weights in
+:func:`diffusion_loss` (importance sampling, ``reweight``), the per-row losses in its parts,
+and the denoiser's dropout drawn from a generator; the importance sampler of ``t`` is
+:mod:`diffkg_fast.ops.diffusion_importance`. Each defaults to DiffKG's behaviour, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from torch import Tensor, nn
 
 from diffkg_fast.ops.backend import register, resolve
 
-_MAX_BETA = 0.999  # DiffRec / DiffKG clip of beta_t
-_BETA_0 = 1e-4  # DiffKG's "beta_fixed": beta_0 is overwritten with this value
+_MAX_BETA = 0.999  # DiffRec / DiffKG clip of beta_t ("linear-var")
+_BETA_0 = 1e-4  # DiffKG's "beta_fixed": beta_0 is overwritten with this value (DiffRec: 1e-5)
+SCHEDULES = ("linear-var", "linear")
 
 
 @dataclass(frozen=True)
 class DiffusionSchedule:
-    """DiffKG's "linear-var" noise schedule (float64, CPU).
+    """DiffKG's "linear-var" noise schedule (float64, CPU), and DiffRec's "linear" one.
 
     ``var = linspace(noise_scale·noise_min, noise_scale·noise_max, steps)``;
     ``beta_0 = var_0``, ``beta_t = min(1 - (1 - var_t)/(1 - var_{t-1}), 0.999)``; then
@@ -37,12 +45,19 @@ class DiffusionSchedule:
     ``abar_t = (1 - 1e-4)(1 - var_t)/(1 - var_0)``. This is the definition that reproduces
     DiffKG's numbers (defaults: SNR weights ≈ [1, 8326, 760, 285, 149.5]); ``abar = 1 - var``
     would give [1, 98030, 975, 330, 166] instead.
+
+    For DiffRec (YiyanXu/DiffRec ``gaussian_diffusion.py``, RecBole's ``diffrec.py``):
+    ``noise_schedule="linear"`` takes the betas as the linspace itself (``beta_t = var_t``, no
+    clip), and ``beta_0`` is the value ``beta_0`` is overwritten with (DiffRec's
+    ``beta_fixed=True`` writes 1e-5; ``None``: not overwritten, DiffRec's ``beta_fixed=False``).
     """
 
     steps: int = 5
     noise_scale: float = 0.1
     noise_min: float = 1e-4
     noise_max: float = 0.02
+    noise_schedule: str = "linear-var"
+    beta_0: float | None = _BETA_0
     betas: Tensor = field(init=False, repr=False, compare=False)
     alphas_cumprod: Tensor = field(init=False, repr=False, compare=False)
 
@@ -50,14 +65,23 @@ class DiffusionSchedule:
         if self.steps < 1 or self.noise_scale <= 0:
             # DiffKG builds no schedule at noise_scale == 0 (and then cannot sample).
             raise ValueError(f"need steps >= 1 and noise_scale > 0, got {self}")
+        if self.noise_schedule not in SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self}")
+        if self.beta_0 is not None and not 0.0 < self.beta_0 < 1.0:
+            raise ValueError(f"beta_0 must be in (0, 1) or None, got {self}")
         var = torch.linspace(
             self.noise_scale * self.noise_min, self.noise_scale * self.noise_max, self.steps,
             dtype=torch.float64,
         )
-        abar = 1.0 - var
-        betas = torch.empty_like(var)
-        betas[1:] = (1.0 - abar[1:] / abar[:-1]).clamp(max=_MAX_BETA)
-        betas[0] = _BETA_0
+        if self.noise_schedule == "linear":
+            betas = var.clone()
+        else:
+            abar = 1.0 - var
+            betas = torch.empty_like(var)
+            betas[1:] = (1.0 - abar[1:] / abar[:-1]).clamp(max=_MAX_BETA)
+            betas[0] = 1.0 - abar[0]
+        if self.beta_0 is not None:
+            betas[0] = self.beta_0
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, 0))
 
@@ -159,6 +183,22 @@ def kg_rows(
     return resolve("kg_rows", backend, rowptr.device)(rowptr, col, rows, n_cols, dtype=dtype)
 
 
+def dropout_mask(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """The inverted-dropout mask for ``x``: ``bernoulli(1-p) / (1-p)``, zeros at ``p >= 1``.
+
+    Without ``generator``: drawn from torch's default generator, the very draw ``F.dropout``
+    makes on a CPU (DiffKG). With one: drawn on the generator's device and moved to ``x``'s, so
+    a CPU stream gives the same mask wherever the model lives (DiffRec).
+    """
+    if p >= 1:
+        return torch.zeros_like(x)
+    keep = 1.0 - p
+    if generator is None:
+        return torch.empty_like(x).bernoulli_(keep).div_(keep)
+    mask = torch.empty(x.shape, dtype=x.dtype, device=generator.device)
+    return mask.bernoulli_(keep, generator=generator).div_(keep).to(x.device)
+
+
 def time_embedding(t: Tensor, size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinusoidal embedding (B, size): ``[cos(t f_j), sin(t f_j)]``, ``f_j = 10000^(-2j/size)``."""
     half = size // 2
@@ -174,17 +214,21 @@ class Denoiser(nn.Module):
     The first layer keeps DiffKG's single weight ``W = [W_x | W_e]`` (hidden × (E + emb)) over
     ``concat[x, emb(t)]``, but is computed as ``x W_xᵀ + (emb(t) W_eᵀ + b)``: the time embedding is
     the same for all rows at one step, so it is a per-step bias and the concat is never built.
-    Input rows are L2-normalized (``norm``) and dropped out (p = ``dropout``) when training.
+    Input rows are L2-normalized (``norm``) and dropped out (p = ``dropout``) when training,
+    the mask drawn from ``dropout_generator`` (default ``None``: torch's default generator,
+    through ``F.dropout``, as DiffKG).
     """
 
     def __init__(
         self, n_entities: int, hidden: int = 1000, emb_size: int = 10, *, norm: bool = True,
         dropout: float = 0.5, generator: torch.Generator | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        dropout_generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.n_entities, self.hidden, self.emb_size = n_entities, hidden, emb_size
         self.norm, self.dropout = norm, dropout
+        self.dropout_generator = dropout_generator
         kw = {"device": device, "dtype": dtype}
         self.emb_layer = nn.Linear(emb_size, emb_size, **kw)
         self.in_layer = nn.Linear(n_entities + emb_size, hidden, **kw)
@@ -216,32 +260,46 @@ class Denoiser(nn.Module):
         if self.norm:
             x = F.normalize(x, dim=-1)
         if self.training if dropout is None else dropout:
-            x = F.dropout(x, self.dropout, training=True)
+            if self.dropout_generator is None:
+                x = F.dropout(x, self.dropout, training=True)
+            elif self.dropout > 0:
+                x = x * dropout_mask(x, self.dropout, self.dropout_generator)
         h = F.linear(x, self.in_layer.weight[:, : self.n_entities]) + self.time_bias(t)
         return self.out_layer(torch.tanh(h))
+
+
+def step_weights_of(schedule: DiffusionSchedule, step_weights: Tensor | None, t: Tensor,
+                    like: Tensor) -> Tensor:
+    """Each row's step weight ``w_t`` (B,) in ``like``'s dtype: ``step_weights`` (steps,) or,
+    by default, the schedule's SNR weights."""
+    w = schedule.snr_weights() if step_weights is None else step_weights
+    return w.to(like.device)[t].to(like.dtype)
 
 
 @register("diffusion_loss", "reference")
 def _diffusion_loss_reference(
     denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, schedule: DiffusionSchedule,
-    item_count: int, R_T_U: Tensor, E_batch: Tensor, e_loss: float,
+    item_count: int, R_T_U: Tensor, E_batch: Tensor, e_loss: float, *,
+    row_weights: Tensor | None = None, step_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     if R_T_U.shape[0] != item_count:
         raise ValueError(f"R_T_U has {R_T_U.shape[0]} rows, expected item_count={item_count}")
     x0_hat = denoiser(q_sample(x0, t, noise, schedule), t)
-    w = schedule.snr_weights().to(x0.device)[t].to(x0.dtype)
-    diff = (w * (x0 - x0_hat).pow(2).mean(-1)).mean()
+    w = step_weights_of(schedule, step_weights, t, x0)
+    rows = w * (x0 - x0_hat).pow(2).mean(-1)
+    diff = (rows if row_weights is None else rows * row_weights.to(rows.dtype)).mean()
     # CKGC, reassociated: (R X̂ᵀ)ᵀ U = X̂ (Rᵀ U); never forms the U × B matrix.
     e_hat = x0_hat[:, :item_count] @ R_T_U.detach()
     ckgc = (e_hat - E_batch.detach()).pow(2).mean(-1).mean()
     loss = (1.0 - e_loss) * diff + e_loss * ckgc
-    return loss, {"diff": diff.detach(), "ckgc": ckgc.detach()}
+    return loss, {"diff": diff.detach(), "ckgc": ckgc.detach(), "rows": rows.detach()}
 
 
 def diffusion_loss(
     denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, schedule: DiffusionSchedule,
     item_count: int, R_T_U: Tensor, E_batch: Tensor, e_loss: float, *, backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = "fp32", row_weights: Tensor | None = None,
+    step_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffKG's diffusion + CKGC loss on one batch of KG rows → ``(loss, {"diff", "ckgc"})``.
 
@@ -251,9 +309,19 @@ def diffusion_loss(
     ``loss = (1-e_loss) mean_b(w_t mse_b) + e_loss mean_b(mean_d (X̂[:, :I] Rᵀ U - E_b)²)``.
     Dropout follows ``denoiser.training``. ``precision`` (``"fp32"``, ``"tf32"``, ``"bf16"``)
     needs a fused backend (:mod:`diffkg_fast.ops.diffusion_loss_fused`).
+
+    DiffRec's extensions (default ``None``: DiffKG's loss): ``step_weights`` (steps,) replace
+    the SNR weights ``w_t`` (ones: DiffRec's ``reweight=False``); ``row_weights`` (B,) scale
+    each row's term, ``mean_b(row_weights_b w_t mse_b)`` (DiffRec's ``1 / pt``). The parts hold
+    ``"rows"`` too: each row's ``w_t mse_b`` (B,), unscaled by ``row_weights`` (what DiffRec's
+    importance sampler records). With ``e_loss = 0`` and zero tables (``R_T_U`` I × 1,
+    ``E_batch`` B × 1) the CKGC term is exactly 0: the plain weighted x0 MSE.
     """
     fn = resolve("diffusion_loss", backend, x0.device)
-    return fn(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch, e_loss,
+    # Passed only when set, so that DiffKG's calls stay the calls they were.
+    extra = {k: v for k, v in (("row_weights", row_weights), ("step_weights", step_weights))
+             if v is not None}
+    return fn(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch, e_loss, **extra,
               **_precision_kw("diffusion_loss", fn, precision))
 
 

@@ -46,7 +46,9 @@ from diffkg_fast.ops.diffusion import (
     Denoiser,
     DiffusionSchedule,
     _diffusion_loss_reference,
+    dropout_mask,
     q_sample,
+    step_weights_of,
 )
 from diffkg_fast.ops.diffusion_sample_fused import PRECISIONS, _mm, _precision
 
@@ -98,12 +100,12 @@ class _DenoiseLoss(torch.autograd.Function):
         ctx.save_for_backward(x_in, w2, a, g)
         ctx.mm_dtype = mm_dtype
         loss = (1.0 - e_loss) * diff + e_loss * ckgc
-        ctx.mark_non_differentiable(diff, ckgc)
-        return loss, diff, ckgc
+        ctx.mark_non_differentiable(diff, ckgc, sq)
+        return loss, diff, ckgc, sq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _gd, _gc):
+    def backward(ctx, grad_loss, _gd, _gc, _gs):
         x_in, w2, a, g = ctx.saved_tensors
         mm = ctx.mm_dtype
         gl = grad_loss.to(g.dtype)
@@ -118,8 +120,10 @@ def diffusion_loss_fused(
     denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, schedule: DiffusionSchedule,
     item_count: int, R_T_U: Tensor, E_batch: Tensor, e_loss: float, *,
     precision: str = "fp32", use_triton: bool | None = None,
+    row_weights: Tensor | None = None, step_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`~diffkg_fast.ops.diffusion.diffusion_loss` with the fused forward / backward.
+    """:func:`~diffkg_fast.ops.diffusion.diffusion_loss` with the fused forward / backward
+    (``row_weights`` / ``step_weights`` as there: they only change each row's weight ``w_b``).
 
     ``use_triton``: the Triton row kernels for the prologue and the loss pass (default: on CUDA
     tensors when Triton is installed; ``True`` also runs them on CPU tensors under
@@ -134,35 +138,34 @@ def diffusion_loss_fused(
     n_ent = denoiser.n_entities
     abar = schedule.alphas_cumprod.to(x0.device)
     mask = None
-    if denoiser.training and denoiser.dropout >= 1:  # F.dropout: zeros, no draw
-        mask = torch.zeros_like(x0)
-    elif denoiser.training and denoiser.dropout > 0:
-        keep = 1.0 - denoiser.dropout
-        mask = torch.empty_like(x0).bernoulli_(keep).div_(keep)  # = F.dropout's CPU draw
+    if denoiser.training and denoiser.dropout > 0:
+        # F.dropout's CPU draw (zeros, no draw, at p >= 1), or the denoiser's own generator.
+        mask = dropout_mask(x0, denoiser.dropout, denoiser.dropout_generator)
     use_triton = use_triton and x0.dtype == torch.float32  # the row kernels are float32
     if denoiser.norm:
         x_in = _prologue(x0, t, noise, abar.sqrt(), (1.0 - abar).sqrt(), mask, use_triton)
     else:
         x_in = q_sample(x0, t, noise, schedule)
         x_in = x_in.mul_(mask) if mask is not None else x_in
-    w = schedule.snr_weights().to(x0.device)[t].to(x0.dtype)
+    w = step_weights_of(schedule, step_weights, t, x0)
+    w_rows = w if row_weights is None else w * row_weights.to(w.dtype)
     mm = torch.bfloat16 if precision == "bf16" else x0.dtype
     with _precision(precision, x0.device):
-        loss, diff, ckgc = _DenoiseLoss.apply(
+        loss, diff, ckgc, sq = _DenoiseLoss.apply(
             x_in, denoiser.in_layer.weight[:, :n_ent], denoiser.time_bias(t),
-            denoiser.out_layer.weight, denoiser.out_layer.bias, x0.contiguous(), w,
+            denoiser.out_layer.weight, denoiser.out_layer.bias, x0.contiguous(), w_rows,
             R_T_U.detach(), E_batch.detach(), float(e_loss), item_count, mm, use_triton)
-    return loss, {"diff": diff.detach(), "ckgc": ckgc.detach()}
+    return loss, {"diff": diff.detach(), "ckgc": ckgc.detach(), "rows": w * sq / n_ent}
 
 
 def _loss_fast(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch, e_loss,
-               precision="fp32"):
+               precision="fp32", **weights):
     # A denoiser that is not a Denoiser (a functional_call closure, say) has no weights to fuse.
     if not isinstance(denoiser, Denoiser) or x0.dtype not in (torch.float32, torch.float64):
         return _diffusion_loss_reference(denoiser, x0, t, noise, schedule, item_count, R_T_U,
-                                         E_batch, e_loss)
+                                         E_batch, e_loss, **weights)
     return diffusion_loss_fused(denoiser, x0, t, noise, schedule, item_count, R_T_U, E_batch,
-                                e_loss, precision=precision)
+                                e_loss, precision=precision, **weights)
 
 
 _loss_fast.takes_precision = True

@@ -40,7 +40,9 @@ class TrainConfig:
     as ``test_batch``, ``lr``, ``seed``, ``topk``, ``tstEpoch`` as ``eval_every``).
 
     - ``model``: a registered model (:data:`~diffkg_fast.model.registry.MODELS`);
-    - ``topk``: K of the validation Recall@K that selects the best epoch (one of 10, 20, 40);
+    - ``topk``, ``valid_metric``: the validation metric that selects the best epoch is
+      ``valid_metric@topk`` (``recall`` or ``ndcg``; K one of 10, 20, 40; RecBole's
+      ``valid_metric: NDCG@20`` is ``valid_metric=ndcg``);
     - ``patience``: stop after this many evaluations without a better one (``None`` or 0: run
       every epoch); the best validated epoch is always the one kept;
     - ``eval_every``: validate every this many epochs (and after the last one);
@@ -54,6 +56,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 421
     topk: int = 20
+    valid_metric: str = "recall"
     patience: int | None = None
     eval_every: int = 1
     device: str = "cpu"
@@ -70,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
         if self.topk not in KS:
             raise ValueError(f"topk must be one of the evaluated cut-offs {KS}, got {self.topk}")
+        if self.valid_metric not in ("recall", "ndcg"):
+            raise ValueError(f"valid_metric must be 'recall' or 'ndcg', got {self.valid_metric!r}")
         if self.patience is not None and self.patience < 0:
             raise ValueError(f"patience must be >= 0 or none, got {self.patience}")
         kind, _, index = self.device.partition(":")

@@ -172,17 +172,18 @@ def epoch_line(record: dict[str, Any], metric: str) -> str:
     """The log line of one epoch: RecBole's ``epoch N  train_loss: …  valid …`` first, then the
     loss parts, the epoch's facts (``kg_edges``) and the seconds of each phase."""
     loss, val, times = record["loss"], record["val"], record["time"]
-    ndcg = metric.replace("recall", "ndcg")
+    k = metric.split("@")[1]  # recall and NDCG at the selection's K, whichever selects
     head = [f"epoch {record['epoch']}"]
     if "total" in loss:  # a model with nothing to train has no loss
         head.append(f"train_loss: {loss['total']:.4f}")
     nan = float("nan")
-    head.append(f"valid {metric}: {val.get(metric, nan):.4f} {ndcg}: {val.get(ndcg, nan):.4f}"
-                if val
+    head.append(f"valid recall@{k}: {val.get(f'recall@{k}', nan):.4f} "
+                f"ndcg@{k}: {val.get(f'ndcg@{k}', nan):.4f}" if val
                 else "valid: not evaluated this epoch")
     head.append(f"({sum(times.values()):.1f} s)")
     details = [f"{k} {v:.4f}" for k, v in loss.items() if k != "total"]
-    details += [f"{k} {v}" for k, v in record["info"].items()]
+    details += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record["info"].items()]
     phases = " ".join(f"{p} {s:.2f}s" for p, s in times.items())
     return "  ".join(head) + "  [" + " ".join([*details, "|", phases] if details
                                              else [phases]) + "]"

@@ -116,7 +116,7 @@ def _build(ds: KGDataset, config: RunConfig) -> _Run:
     kind = SAMPLERS.get(model.batch_kind)
     sampler = None if kind is None else kind(ds.train, cfg.batch, cfg.seed)
     return _Run(config, ds, model, optimizer, sampler,
-                Selection(f"recall@{cfg.topk}", cfg.patience), [])
+                Selection(f"{cfg.valid_metric}@{cfg.topk}", cfg.patience), [])
 
 
 def _batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, float]:
@@ -217,8 +217,9 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
         if ck["data_fingerprint"] != fingerprint:
             raise CheckpointError("the dataset is not the one this run was trained on",
                                   path=folder.file(CHECKPOINT))
-        check_resume(ck["config"], config.to_dict(), int(ck["epoch"]) + 1,
-                     folder.file(CHECKPOINT))
+        # The saved config with today's defaults for keys it predates, then compared.
+        saved = RunConfig(ck["config"]).to_dict()
+        check_resume(saved, config.to_dict(), int(ck["epoch"]) + 1, folder.file(CHECKPOINT))
     run = _build(ds, config)
     _check_unseen(ds, run.model, config["model"])
     start = 0
@@ -256,8 +257,8 @@ def _finish(run: _Run, log: Callable[[str], Any], t_start: float) -> TrainResult
     test = evaluate_split(run.model, run.ds, "test", batch_size=cfg.test_batch,
                           device=cfg.device)
     val = run.history[sel.best_epoch]["val"]
-    ndcg = sel.metric.replace("recall", "ndcg")
-    log(f"best epoch {sel.best_epoch}: val {sel.metric} {val[sel.metric]:.4f} "
-        f"test {sel.metric} {test[sel.metric]:.4f} {ndcg} {test[ndcg]:.4f}")
+    k = sel.metric.split("@")[1]
+    log(f"best epoch {sel.best_epoch}: val {sel.metric} {val[sel.metric]:.4f}  test "
+        f"recall@{k} {test[f'recall@{k}']:.4f} ndcg@{k} {test[f'ndcg@{k}']:.4f}")
     return TrainResult(run.config.to_dict(), run.history, sel.best_epoch, val, test, run.model,
                        time.perf_counter() - t_start)

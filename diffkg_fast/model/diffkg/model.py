@@ -18,8 +18,10 @@ to one. Beyond ``Params.py``: ``use_diffusion=False`` (the diffusion-free ablati
 built, both views are the sampled original KG), ``patient_codes`` (patients described by their
 diagnoses and procedures, ``docs/patients-by-codes.md``; ``False`` is DiffKG as published),
 ``denoiser_dropout`` (DiffKG hard-codes 0.5), ``diffusion_precision`` (the denoiser's GEMMs:
-``fp32``, ``tf32``, ``bf16``). ``lr`` and ``batch`` serve both the recommender's and the
-denoiser's Adam, as in ``Params.py``.
+``fp32``, ``tf32``, ``bf16``), ``diffusion_passes`` (the denoiser's passes over the KG rows per
+epoch; DiffKG makes one, which at the medication scale is 4 Adam steps). Every epoch logs the
+denoised KG's quality (:mod:`~diffkg_fast.model.diffkg.quality`). ``lr`` and ``batch`` serve
+both the recommender's and the denoiser's Adam, as in ``Params.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from diffkg_fast.model.base import (
 )
 from diffkg_fast.model.diffkg.diffusion import KGDiffusion
 from diffkg_fast.model.diffkg.encoder import KGEncoder
+from diffkg_fast.model.diffkg.quality import KGQuality
 from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
 from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
@@ -69,7 +72,7 @@ class DiffKG(EmbeddingRecommender):
     """
 
     name = "diffkg"
-    phases = ("diffusion", "rebuild")
+    phases = ("diffusion", "rebuild", "kg_quality")
 
     def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
                  train: sp.spmatrix, kg: np.ndarray, codes: sp.spmatrix | None = None, *,
@@ -81,8 +84,9 @@ class DiffKG(EmbeddingRecommender):
                  steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4,
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
-                 diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
-                 seed: int = 421, device: str = "cpu") -> None:
+                 diffusion_precision: str = "fp32", diffusion_passes: int = 1,
+                 lr: float = 1e-3, batch: int = 1024, seed: int = 421,
+                 device: str = "cpu") -> None:
         super().__init__()
         self.check_options(locals())
         dev = torch.device(device)
@@ -107,7 +111,8 @@ class DiffKG(EmbeddingRecommender):
             steps=steps, noise_scale=noise_scale, noise_min=noise_min, noise_max=noise_max,
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
-            batch=batch, seed=seed, init=init)
+            batch=batch, diffusion_passes=diffusion_passes, seed=seed, init=init)
+        self.quality = None if not use_diffusion else KGQuality(self.kg_full, seed)
 
     @classmethod
     def from_dataset(cls, ds: Any, *, patient_codes: bool = True, **options: Any) -> DiffKG:
@@ -122,7 +127,7 @@ class DiffKG(EmbeddingRecommender):
     def check_options(cls, options: Mapping[str, Any]) -> None:
         check_options(
             options, positive=("latdim", "steps", "rebuild_k", "temp", "noise_scale", "lr",
-                               "batch", "d_emb_size"),
+                               "batch", "d_emb_size", "diffusion_passes"),
             non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
                           "noise_min", "noise_max", "seed"),
             unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout"),
@@ -158,8 +163,17 @@ class DiffKG(EmbeddingRecommender):
                                            limit_batches)
         t1 = time.perf_counter()
         self.kg_denoised = self.diffusion.rebuild(limit_batches)
-        times = {"diffusion": t1 - t0, "rebuild": time.perf_counter() - t1}
-        return EpochReport(losses, times, {})
+        t2 = time.perf_counter()
+        info = self._quality()
+        times = {"diffusion": t1 - t0, "rebuild": t2 - t1, "kg_quality": time.perf_counter() - t2}
+        return EpochReport(losses, times, info)
+
+    def _quality(self) -> dict[str, float]:
+        """The rebuild's precision and the denoiser's masked-edge recovery (quality.py)."""
+        assert self.diffusion is not None and self.quality is not None
+        d = self.diffusion
+        return {"rebuild_precision": self.quality.precision(*d.last_picks),
+                **self.quality.mask_recovery(d.denoiser, d.schedule, d.sampling_steps)}
 
     # ------------------------------------------------------------------ training
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:

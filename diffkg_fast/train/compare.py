@@ -1,0 +1,198 @@
+"""``diffkg-fast compare``: every registered model on one dataset and split, over a list of
+seeds, in one table (the seed paper's Table 3 columns and more).
+
+Rows: one per registered model under its defaults (the preset's keys it takes), plus DiffKG's
+variants (:data:`DIFFKG_ROWS`: as published, with patient codes, each with and without
+diffusion). Every run is the trainer's (selection on validation, test ranked once). The
+comparison resumes: ``OUT/compare.json`` holds every finished run, rewritten atomically after
+each, and a run already in it is not trained again. ``OUT/compare.md`` holds the tables (mean ±
+std over seeds) and ``OUT/compare.png`` a bar chart of validation and test Recall@20 and NDCG@20
+with one-std error bars.
+
+A model that cannot score patients it has never seen (the visit split's held-out patients) is
+not trained there: its row says so instead of printing a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffkg_fast.data.build import parse_sets
+from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.open import SYNTHETIC, open_dataset
+from diffkg_fast.model.registry import MODELS
+from diffkg_fast.train.config import config_defaults, resolve_config
+from diffkg_fast.train.selection import SelectionError
+from diffkg_fast.train.trainer import train
+from diffkg_fast.utils.io import atomic_write
+
+__all__ = ["DIFFKG_ROWS", "cmd_compare", "compare", "format_tables", "rows"]
+
+# DiffKG as published (ID embeddings only) and with patient codes, each with its ablation.
+DIFFKG_ROWS: dict[str, dict[str, Any]] = {
+    "DiffKG": {"model": "diffkg"},
+    "DiffKG without diffusion": {"model": "diffkg", "use_diffusion": False},
+    "DiffKG as published (no patient codes)": {"model": "diffkg", "patient_codes": False},
+    "DiffKG as published, without diffusion": {"model": "diffkg", "patient_codes": False,
+                                               "use_diffusion": False},
+}
+RANK_COLS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20", "recall@40", "ndcg@40")
+MED_COLS = ("med_jaccard", "med_f1", "med_prauc", "med_ddi_rate", "med_avg_meds")
+REFUSED = "cannot score patients it has never seen"
+
+
+def rows() -> dict[str, dict[str, Any]]:
+    """Every row a comparison can run: each registered model but DiffKG by its name, then
+    DiffKG's variants."""
+    out = {cls.__name__: {"model": name} for name, cls in sorted(MODELS.items())
+           if name != "diffkg"}
+    return {**out, **DIFFKG_ROWS}
+
+
+def _inputs(cls_name: str, run: dict[str, Any]) -> str:
+    """What the row's model knows of a patient, for the table."""
+    cfg = run.get("config") or {}
+    if cfg.get("patient_codes"):
+        return "codes + id"
+    return {"MostPop": "none"}.get(cls_name, "history" if run.get("reads_meds") else "id")
+
+
+def _run_one(ds, label: str, values: dict[str, Any], seed: int, preset: str | None,
+             log) -> dict[str, Any]:
+    model = values.get("model", "diffkg")
+    keys = config_defaults(model)
+    sets = {k: v for k, v in values.items() if k in keys}
+    cfg = resolve_config(None, {**sets, "seed": seed}, None, preset=preset)
+    t0 = time.perf_counter()
+    try:
+        res = train(ds, cfg, log=lambda _: None)
+    except SelectionError as exc:
+        if "cannot score a patient" not in str(exc):
+            raise
+        log(f"seed {seed} {label}: {REFUSED}")
+        return {"row": label, "seed": seed, "refused": str(exc)}
+    secs = time.perf_counter() - t0
+    log(f"seed {seed} {label}: val R@20 {res.val['recall@20']:.4f} test R@20 "
+        f"{res.test['recall@20']:.4f} (best epoch {res.best_epoch} of {len(res.history)}, "
+        f"{secs:.0f} s)")
+    epoch_s = [sum(h["time"].values()) for h in res.history]
+    return {"row": label, "seed": seed, "best_epoch": res.best_epoch,
+            "epochs": len(res.history), "seconds": secs,
+            "epoch_seconds": statistics.median(epoch_s), "val": res.val, "test": res.test,
+            "config": cfg.to_dict(), "reads_meds": "meds" in res.model.patient_inputs}
+
+
+def compare(ds, labels: list[str], seeds: list[int], out_dir: Path, *, preset: str | None,
+            sets: dict[str, Any], log=print) -> list[dict[str, Any]]:
+    """Train every (row, seed) not yet in ``out_dir/compare.json``; returns all runs."""
+    table = rows()
+    path = out_dir / "compare.json"
+    runs: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["row"], r["seed"]) for r in runs}
+    for seed in seeds:
+        for label in labels:
+            if (label, seed) in done:
+                continue
+            values = {**sets, **table[label]}
+            runs.append(_run_one(ds, label, values, seed, preset, log))
+            with atomic_write(path, "w") as f:
+                json.dump(runs, f, indent=1)
+    return runs
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def format_tables(runs: list[dict[str, Any]], labels: list[str], seeds: list[int]) -> str:
+    """Markdown: the validation and test tables, mean ± std over ``seeds``."""
+    done = [r for r in runs if "refused" not in r and r["seed"] in seeds]
+    med = [c for c in MED_COLS if done and c in done[0]["test"]]
+    out = []
+    for split in ("val", "test"):
+        cols = list(RANK_COLS) + (med if split == "test" else [])
+        head = ["model", "inputs", *cols, "best epoch / epochs", "s / epoch", "s / run"]
+        out += [f"**{'validation' if split == 'val' else 'test'}** (seeds {seeds})", "",
+                "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for label in labels:
+            mine = [r for r in runs if r["row"] == label and r["seed"] in seeds]
+            if not mine:
+                continue
+            if any("refused" in r for r in mine):
+                out.append(f"| {label} | | {REFUSED} |")
+                continue
+            cells = [_cell([r[split][c] for r in mine]) for c in cols]
+            epochs = " ".join(f"{r['best_epoch']}/{r['epochs']}" for r in mine)
+            out.append(f"| {label} | {_inputs(label, mine[0])} | " + " | ".join(cells)
+                       + f" | {epochs} | {statistics.mean(r['epoch_seconds'] for r in mine):.1f}"
+                       f" | {statistics.mean(r['seconds'] for r in mine):.0f} |")
+        out.append("")
+    out.append("inputs: what a row's model knows of a patient (id: its ID embedding; history: "
+               "its known medications; codes: its diagnoses and procedures). The baselines use "
+               "no patient codes.")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict[str, Any]], labels: list[str], seeds: list[int], path: Path) -> bool:
+    """Bars of val / test Recall@20 and NDCG@20 per row with one-std error bars; ``False``
+    (nothing written) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    import numpy as np
+
+    shown = [lb for lb in labels
+             if any(r["row"] == lb and "refused" not in r for r in runs)]
+    metrics = [("val", "recall@20"), ("test", "recall@20"), ("val", "ndcg@20"),
+               ("test", "ndcg@20")]
+    fig = Figure(figsize=(max(8, 1.1 * len(shown) + 3), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    for k, (split, m) in enumerate(metrics):
+        vals = [[r[split][m] for r in runs if r["row"] == lb and r["seed"] in seeds
+                 and "refused" not in r] for lb in shown]
+        mean = [statistics.mean(v) for v in vals]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(np.arange(len(shown)) + (k - 1.5) * width, mean, width, yerr=std, capsize=2,
+               label=f"{split} {m}")
+    ax.set_xticks(np.arange(len(shown)), shown, rotation=25, ha="right", fontsize="small")
+    ax.set_ylabel(f"mean over seeds {seeds} (± 1 std)")
+    ax.legend(fontsize="small", ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.subplots_adjust(bottom=0.3, left=0.07, right=0.99, top=0.97)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    return True
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``diffkg-fast compare``: run (or resume) the comparison, write and print the tables."""
+    table = rows()
+    labels = args.rows or list(table)
+    unknown = [lb for lb in labels if lb not in table]
+    if unknown:
+        raise DataError(f"unknown rows {unknown}; rows: {list(table)}", field="--rows")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    ds = open_dataset(args.data or SYNTHETIC)
+    preset = args.preset or ("medication" if ds.visits is not None else "diffkg")
+    out = Path(args.out)
+    runs = compare(ds, labels, args.seeds, out, preset=preset, sets=parse_sets(args.set))
+    text = (f"{args.data or SYNTHETIC}: {ds.n_users} patients, {ds.n_items} medications; "
+            f"preset {preset}; {torch.get_num_threads()} thread(s)\n\n"
+            + format_tables(runs, labels, args.seeds))
+    with atomic_write(out / "compare.md", "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    if not plot(runs, labels, args.seeds, out / "compare.png"):
+        print("note: matplotlib is not installed: no compare.png (pip install 'diffkg-fast[viz]')")
+    return 0
