@@ -64,7 +64,8 @@ def test_diffkg_options_are_params_py_and_checked() -> None:
                         ({"sampling_steps": 6}, "sampling_steps")):
         with pytest.raises(ValueError, match=needle):
             DiffKG.check_options({**opts, **bad})
-    assert set(MODELS) == {"diffkg", "lightgcn", "mostpop", "multivae", "cdae", "diffrec", "kgat"}
+    assert set(MODELS) == {"diffkg", "lightgcn", "mostpop", "multivae", "cdae", "diffrec", "kgat",
+                           "kgin", "kgcn"}
     assert set(LightGCN.options()) == {"latdim", "gnn_layer", "reg", "seed", "device"}
 
 

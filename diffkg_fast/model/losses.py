@@ -2,7 +2,7 @@
 
 - BPR (Rendle et al., UAI 2009): ``-mean log sigmoid(<u, i+> - <u, i->)``;
 - L2: ``reg * sum ||theta||^2`` (DiffKG's ``calcRegLoss`` times ``args.reg``);
-- RecBole's embedding norm: ``sum_k ||E_k||_F / B`` over a batch's embeddings (KGAT, KGIN);
+- RecBole's embedding norm: ``sum_k ||E_k||_F / B`` over a batch's embeddings (KGAT, KGIN, KGCN);
 - InfoNCE (the contrastive loss of DiffKG, Jiang et al., WSDM 2024; as in SGL, Wu et al.,
   SIGIR 2021): agreement of each node's two views against every other node of view 2.
 """
