@@ -64,7 +64,8 @@ def test_diffkg_options_are_params_py_and_checked() -> None:
                         ({"sampling_steps": 6}, "sampling_steps")):
         with pytest.raises(ValueError, match=needle):
             DiffKG.check_options({**opts, **bad})
-    assert set(MODELS) == {"diffkg", "lightgcn", "mostpop", "multivae", "cdae", "diffrec"}
+    assert set(MODELS) == {"diffkg", "lightgcn", "mostpop", "multivae", "cdae", "diffrec", "kgat",
+                           "kgin", "kgcn"}
     ddi = {"ddi_loss": False, "target_ddi": 0.06, "kp": 0.05, "ddi_scale": 5e-4}  # SafeDrug's
     assert {k: opts[k] for k in ddi} == ddi and "ddi_pairs" not in opts
     assert set(LightGCN.options()) == {"latdim", "gnn_layer", "reg", "seed", "device", *ddi}
@@ -255,7 +256,8 @@ def test_an_epoch_start_trains_the_denoiser_and_rebuilds_a_subset() -> None:
     m = _diffkg(train, kg, latdim=8, rebuild_k=3, keepRate=1.0, batch=8)
     before = [p.detach().clone() for p in m.diffusion.denoiser.parameters()]
     report = m.on_epoch_start(0)
-    assert set(report.time) == {"diffusion", "rebuild"} and report.loss["diff_loss"] > 0
+    assert set(report.time) == {"diffusion", "rebuild", "kg_quality"}
+    assert report.loss["diff_loss"] > 0 and "rebuild_precision" in report.info
     assert any(not torch.equal(a, b) for a, b in zip(before, m.diffusion.denoiser.parameters(),
                                                      strict=True))
     full = set(map(tuple, m.kg_full.to_triplets().tolist()))

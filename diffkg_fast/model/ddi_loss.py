@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from diffkg_fast.data.errors import DataError
+from diffkg_fast.ops.rows import rows
 
 __all__ = ["DDI_DEFAULTS", "DDILoss", "controlled", "ddi_pairs_of", "has_ddi", "set_size_of"]
 
@@ -154,6 +155,6 @@ def controlled(ddi: DDILoss | None, rec: Tensor, user_table: Tensor, items: Tens
     if ddi is None:
         return rec.mean()
     who, owner = users.unique(return_inverse=True)
-    loss, mine = ddi(rec, owner, user_table[who] @ items.T)
+    loss, mine = ddi(rec, owner, rows(user_table, who) @ items.T)
     parts.update({prefix + k: v for k, v in mine.items()})
     return loss

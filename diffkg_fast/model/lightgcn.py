@@ -34,6 +34,7 @@ from diffkg_fast.model.losses import bpr_loss, l2_reg
 from diffkg_fast.ops.backend import has_kernel
 from diffkg_fast.ops.graph import norm_adjacency
 from diffkg_fast.ops.propagation import const_spmm, lightgcn_propagate
+from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["LightGCN", "propagate"]
@@ -110,7 +111,8 @@ class LightGCN(EmbeddingRecommender):
     def forward(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """BPR (SafeDrug's controlled loss of it with ``ddi_loss``) + L2, one propagation."""
         u, i = self._eval_outputs()  # no dropout: the training forward is the scoring one
-        terms = bpr_loss(u[batch.users], i[batch.pos], i[batch.neg], reduce=False)
+        # rows(), not u[batch.users]: the indexing backward sums at two threads in timing order.
+        terms = bpr_loss(rows(u, batch.users), rows(i, batch.pos), rows(i, batch.neg), reduce=False)
         parts = {"bpr": terms.mean().detach()}
         rec = controlled(self.ddi, terms, u, i, batch.users, parts)
         reg = l2_reg(self.parameters(), self.reg)

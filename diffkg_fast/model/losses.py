@@ -2,6 +2,7 @@
 
 - BPR (Rendle et al., UAI 2009): ``-mean log sigmoid(<u, i+> - <u, i->)``;
 - L2: ``reg * sum ||theta||^2`` (DiffKG's ``calcRegLoss`` times ``args.reg``);
+- RecBole's embedding norm: ``sum_k ||E_k||_F / B`` over a batch's embeddings (KGAT, KGIN, KGCN);
 - InfoNCE (the contrastive loss of DiffKG, Jiang et al., WSDM 2024; as in SGL, Wu et al.,
   SIGIR 2021): agreement of each node's two views against every other node of view 2.
 """
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffkg_fast.ops.contrastive import logsumexp_mm
+from diffkg_fast.ops.rows import rows
 
-__all__ = ["bpr_loss", "info_nce", "l2_reg"]
+__all__ = ["bpr_loss", "emb_norm_reg", "info_nce", "l2_reg"]
 
 
 def bpr_loss(u: Tensor, pos: Tensor, neg: Tensor, reduce: bool = True) -> Tensor:
@@ -45,7 +47,15 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     """
     # 1/temp folded into the B × d side: dividing the B × N logits (and its backward) cost
     # ~20 ms of a 260 ms step at the default size.
-    z1 = F.normalize(view1[nodes], dim=-1) / temp
+    # rows(), not view1[nodes]: the indexing backward sums at two threads in timing order.
+    z1 = F.normalize(rows(view1, nodes), dim=-1) / temp
     z2 = F.normalize(view2, dim=-1)
-    pos = (z1 * z2[nodes]).sum(-1)
+    pos = (z1 * rows(z2, nodes)).sum(-1)
     return (logsumexp_mm(z1, z2) - pos).mean()
+
+
+def emb_norm_reg(*embeddings: Tensor) -> Tensor:
+    """RecBole's ``EmbLoss`` (``require_pow=False``, its default): ``sum_k ||E_k||_F / B``, the
+    Frobenius norms (not squared) of the batch's embedding tables over the batch size ``B``
+    (rows of the last table). KGAT and KGIN regularise with it, times ``reg_weight``."""
+    return sum(e.norm(p=2) for e in embeddings) / embeddings[-1].shape[0]

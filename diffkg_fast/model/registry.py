@@ -11,6 +11,9 @@ from diffkg_fast.model.base import Recommender
 from diffkg_fast.model.cdae import CDAE
 from diffkg_fast.model.diffkg import DiffKG
 from diffkg_fast.model.diffrec import DiffRec
+from diffkg_fast.model.kgat import KGAT
+from diffkg_fast.model.kgcn import KGCN
+from diffkg_fast.model.kgin import KGIN
 from diffkg_fast.model.lightgcn import LightGCN
 from diffkg_fast.model.mostpop import MostPop
 from diffkg_fast.model.multivae import MultiVAE
@@ -18,7 +21,8 @@ from diffkg_fast.model.multivae import MultiVAE
 __all__ = ["MODELS", "get_model", "register_model"]
 
 MODELS: dict[str, type[Recommender]] = {
-    cls.name: cls for cls in (DiffKG, LightGCN, MostPop, MultiVAE, CDAE, DiffRec)}
+    cls.name: cls for cls in (DiffKG, LightGCN, MostPop, MultiVAE, CDAE, DiffRec, KGAT, KGIN,
+                              KGCN)}
 
 
 def get_model(name: str) -> type[Recommender]:

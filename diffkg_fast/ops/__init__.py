@@ -23,6 +23,7 @@ from diffkg_fast.ops.diffusion import (
 from diffkg_fast.ops.graph import KGCSR, is_symmetric, kg_with_inverses, norm_adjacency
 from diffkg_fast.ops.propagation import lightgcn_propagate
 from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.ops.segment import segment_softmax
 from diffkg_fast.ops.spmm import csr_spmm
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "rgat_forward",
     "sample",
     "sample_topk",
+    "segment_softmax",
 ]

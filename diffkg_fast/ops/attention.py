@@ -26,6 +26,7 @@ from torch import Tensor
 
 from diffkg_fast.ops.backend import register, resolve
 from diffkg_fast.ops.graph import KGCSR
+from diffkg_fast.ops.rows import rows
 
 __all__ = ["dropout_mask", "rgat_aggregate", "rgat_forward", "segment_softmax"]
 
@@ -43,7 +44,9 @@ def segment_softmax(logits: Tensor, row: Tensor, n_rows: int) -> Tensor:
     m = m.scatter_reduce(0, row, logits.detach(), reduce="amax", include_self=True)
     ex = torch.exp(logits - m[row])
     den = torch.zeros(n_rows, dtype=logits.dtype, device=logits.device).index_add(0, row, ex)
-    return ex / den[row]
+    # rows() of a column, not den[row]: the same bits on every run at a fixed thread count
+    # (diffkg_fast/ops/rows.py).
+    return ex / rows(den.unsqueeze(1), row).squeeze(1)
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None,
@@ -92,10 +95,11 @@ def _rgat_aggregate_reference(
     # concat of DiffKG's code becomes two gathers and two row dots.
     p1 = Rel @ W[:d].T
     p2 = Rel @ W[d:].T
-    s = (E[row] * p1[rel]).sum(-1) + (E[col] * p2[rel]).sum(-1)
+    # rows(), not E[row]: the same bits on every run at a fixed thread count (ops/rows.py).
+    s = (rows(E, row) * rows(p1, rel)).sum(-1) + (rows(E, col) * rows(p2, rel)).sum(-1)
     alpha = segment_softmax(F.leaky_relu(s, NEG_SLOPE), row, kg.n_entities)
     # index_add onto E itself is the self residual: heads without edges keep e_h.
-    agg = E.index_add(0, row, alpha.unsqueeze(1) * E[col])
+    agg = E.index_add(0, row, alpha.unsqueeze(1) * rows(E, col))
     if training and dropout > 0.0:
         agg = agg * dropout_mask(tuple(agg.shape), dropout, generator, agg.device, agg.dtype)
     if normalize:

@@ -182,7 +182,8 @@ def epoch_line(record: dict[str, Any], metric: str) -> str:
                 else "valid: not evaluated this epoch")
     head.append(f"({sum(times.values()):.1f} s)")
     details = [f"{k} {v:.4f}" for k, v in loss.items() if k != "total"]
-    details += [f"{k} {v}" for k, v in record["info"].items()]
+    details += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record["info"].items()]
     phases = " ".join(f"{p} {s:.2f}s" for p, s in times.items())
     return "  ".join(head) + "  [" + " ".join([*details, "|", phases] if details
                                              else [phases]) + "]"

@@ -60,12 +60,14 @@ class KGDiffusion(nn.Module):
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
-                 seed: int = 421, init: torch.Generator | None = None) -> None:
+                 diffusion_passes: int = 1, seed: int = 421,
+                 init: torch.Generator | None = None) -> None:
         super().__init__()
         dev = kg.rowptr.device
         self.kg, self.n_items = kg, n_items
         self.steps, self.sampling_steps, self.rebuild_k = steps, sampling_steps, rebuild_k
         self.e_loss, self.keep_rate, self.batch = e_loss, keepRate, batch
+        self.passes = diffusion_passes
         self.precision = diffusion_precision
         self.denoiser = Denoiser(kg.n_entities, dims[0], d_emb_size, norm=norm,
                                  dropout=denoiser_dropout,
@@ -86,9 +88,18 @@ class KGDiffusion(nn.Module):
 
     def train_pass(self, user: Tensor, entity: Tensor, limit: int | None = None,
                    ) -> dict[str, float]:
-        """One Adam pass over every entity row (shuffled, ``batch`` rows a step; the first
-        ``limit`` batches only, for benchmarks) against the tables ``user`` (U × d) and
-        ``entity`` (N × d); returns the mean loss parts."""
+        """``diffusion_passes`` Adam passes over every entity row (each shuffled, ``batch`` rows
+        a step; the first ``limit`` batches only, for benchmarks) against the tables ``user``
+        (U × d) and ``entity`` (N × d); returns the mean loss parts."""
+        sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
+        n_batches = 0
+        for _ in range(self.passes):
+            n_batches += self._one_pass(user, entity, limit, sums)
+        return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+    def _one_pass(self, user: Tensor, entity: Tensor, limit: int | None,
+                  sums: dict[str, float]) -> int:
+        """One shuffled pass; adds the loss parts of every step to ``sums``; the step count."""
         kg, gen = self.kg, self.generators["diffusion"]
         self.denoiser.train()
         with torch.no_grad():
@@ -103,7 +114,6 @@ class KGDiffusion(nn.Module):
             # card's fp32 rate, not measured), plus a 365 MB copy.
             gen = torch.Generator(ent.device).manual_seed(
                 int(torch.randint(2**62, (1,), generator=gen)))
-        sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
         n_batches = 0
         for start in range(0, kg.n_entities, self.batch):
             if limit is not None and n_batches >= limit:
@@ -119,7 +129,7 @@ class KGDiffusion(nn.Module):
             sums["diff"] += float(parts["diff"])
             sums["ckgc"] += float(parts["ckgc"])
             n_batches += 1
-        return {k: v / max(n_batches, 1) for k, v in sums.items()}
+        return n_batches
 
     @torch.no_grad()
     def rebuild(self, limit: int | None = None) -> KGCSR:
@@ -133,6 +143,7 @@ class KGDiffusion(nn.Module):
                              self.rebuild_k, batch_size=self.batch,
                              sampling_steps=self.sampling_steps, generator=gen,
                              precision=self.precision)
+        self.last_picks = (rows, idx)  # for the quality measures (quality.py)
         h, t, rel = rebuild_kg(idx, (kg.row, kg.col, kg.rel), self.keep_rate, gen, rows=rows,
                                n_entities=kg.n_entities)
         return KGCSR.from_triplets(torch.stack((h, rel, t), 1), kg.n_entities, kg.n_relations)

@@ -18,12 +18,14 @@ to one. Beyond ``Params.py``: ``use_diffusion=False`` (the diffusion-free ablati
 built, both views are the sampled original KG), ``patient_codes`` (patients described by their
 diagnoses and procedures, ``docs/patients-by-codes.md``; ``False`` is DiffKG as published),
 ``denoiser_dropout`` (DiffKG hard-codes 0.5), ``diffusion_precision`` (the denoiser's GEMMs:
-``fp32``, ``tf32``, ``bf16``), and SafeDrug's controllable DDI loss: ``ddi_loss`` (off by
-default: DiffKG as published), ``target_ddi`` (0.06), ``kp`` (0.05), ``ddi_scale`` (0.0005), with
-their math, sources and the probabilities of a BPR ranking in
-:mod:`diffkg_fast.model.ddi_loss`; each BPR term (the patient's, and the code representation's)
-is controlled by the DDI rate of its own top-``k`` sets. ``lr`` and ``batch`` serve both the
-recommender's and the denoiser's Adam, as in ``Params.py``.
+``fp32``, ``tf32``, ``bf16``), ``diffusion_passes`` (the denoiser's passes over the KG rows per
+epoch; DiffKG makes one, which at the medication scale is 4 Adam steps), and SafeDrug's
+controllable DDI loss: ``ddi_loss`` (off by default: DiffKG as published), ``target_ddi``
+(0.06), ``kp`` (0.05), ``ddi_scale`` (0.0005), with their math, sources and the probabilities of
+a BPR ranking in :mod:`diffkg_fast.model.ddi_loss`; each BPR term (the patient's, and the code
+representation's) is controlled by the DDI rate of its own top-``k`` sets. Every epoch logs the
+denoised KG's quality (:mod:`~diffkg_fast.model.diffkg.quality`). ``lr`` and ``batch`` serve
+both the recommender's and the denoiser's Adam, as in ``Params.py``.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from diffkg_fast.model.base import (
 from diffkg_fast.model.ddi_loss import DDILoss, controlled, ddi_pairs_of, set_size_of
 from diffkg_fast.model.diffkg.diffusion import KGDiffusion
 from diffkg_fast.model.diffkg.encoder import KGEncoder
+from diffkg_fast.model.diffkg.quality import KGQuality
 from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
 from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
+from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["DiffKG"]
@@ -74,7 +78,7 @@ class DiffKG(EmbeddingRecommender):
     """
 
     name = "diffkg"
-    phases = ("diffusion", "rebuild")
+    phases = ("diffusion", "rebuild", "kg_quality")
 
     def __init__(self, n_users: int, n_items: int, n_entities: int, n_relations: int,
                  train: sp.spmatrix, kg: np.ndarray, codes: sp.spmatrix | None = None,
@@ -87,8 +91,9 @@ class DiffKG(EmbeddingRecommender):
                  steps: int = 5, noise_scale: float = 0.1, noise_min: float = 1e-4,
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
-                 diffusion_precision: str = "fp32", ddi_loss: bool = False,
-                 target_ddi: float = 0.06, kp: float = 0.05, ddi_scale: float = 5e-4,
+                 diffusion_precision: str = "fp32", diffusion_passes: int = 1,
+                 ddi_loss: bool = False, target_ddi: float = 0.06, kp: float = 0.05,
+                 ddi_scale: float = 5e-4,
                  lr: float = 1e-3, batch: int = 1024, seed: int = 421,
                  device: str = "cpu") -> None:
         super().__init__()
@@ -115,7 +120,8 @@ class DiffKG(EmbeddingRecommender):
             steps=steps, noise_scale=noise_scale, noise_min=noise_min, noise_max=noise_max,
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
-            batch=batch, seed=seed, init=init)
+            batch=batch, diffusion_passes=diffusion_passes, seed=seed, init=init)
+        self.quality = None if not use_diffusion else KGQuality(self.kg_full, seed)
         if ddi_loss and ddi_pairs is None:
             raise ValueError("ddi_loss=True needs ddi_pairs (the KG's 'ddi' relation)")
         self.ddi = None if not ddi_loss else DDILoss(
@@ -138,7 +144,7 @@ class DiffKG(EmbeddingRecommender):
     def check_options(cls, options: Mapping[str, Any]) -> None:
         check_options(
             options, positive=("latdim", "steps", "rebuild_k", "temp", "noise_scale", "lr",
-                               "batch", "d_emb_size", "kp"),
+                               "batch", "d_emb_size", "diffusion_passes", "kp"),
             non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
                           "noise_min", "noise_max", "seed", "ddi_scale"),
             unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout", "target_ddi"),
@@ -174,8 +180,17 @@ class DiffKG(EmbeddingRecommender):
                                            limit_batches)
         t1 = time.perf_counter()
         self.kg_denoised = self.diffusion.rebuild(limit_batches)
-        times = {"diffusion": t1 - t0, "rebuild": time.perf_counter() - t1}
-        return EpochReport(losses, times, {})
+        t2 = time.perf_counter()
+        info = self._quality()
+        times = {"diffusion": t1 - t0, "rebuild": t2 - t1, "kg_quality": time.perf_counter() - t2}
+        return EpochReport(losses, times, info)
+
+    def _quality(self) -> dict[str, float]:
+        """The rebuild's precision and the denoiser's masked-edge recovery (quality.py)."""
+        assert self.diffusion is not None and self.quality is not None
+        d = self.diffusion
+        return {"rebuild_precision": self.quality.precision(*d.last_picks),
+                **self.quality.mask_recovery(d.denoiser, d.schedule, d.sampling_steps)}
 
     # ------------------------------------------------------------------ training
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
@@ -192,11 +207,14 @@ class DiffKG(EmbeddingRecommender):
         kg1, kg2 = self.views()
         users, pos, neg = batch
         v1 = self.encoder(kg1, self.dropout_generator)
-        terms = bpr_loss(v1.users[users], v1.items[pos], v1.items[neg], reduce=False)
+        # rows(), not v1.users[users]: the indexing backward sums at two threads in timing order.
+        terms = bpr_loss(rows(v1.users, users), rows(v1.items, pos), rows(v1.items, neg),
+                         reduce=False)
         parts = {"bpr": terms.mean().detach()}
         bpr = controlled(self.ddi, terms, v1.users, v1.items, users, parts)
         if v1.codes is not None:
-            terms = bpr_loss(v1.codes[users], v1.items[pos], v1.items[neg], reduce=False)
+            terms = bpr_loss(rows(v1.codes, users), rows(v1.items, pos), rows(v1.items, neg),
+                             reduce=False)
             parts["code_bpr"] = terms.mean().detach()
             bpr = bpr + controlled(self.ddi, terms, v1.codes, v1.items, users, parts, "code_")
         reg = l2_reg(self.encoder.parameters(), self.reg)

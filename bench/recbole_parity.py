@@ -1,0 +1,119 @@
+"""RecBole 1.2.1 on a dataset exported by ``diffkg-fast data export --format recbole``: the
+reference side of the parity runs in ``docs/parity.md``.
+
+Runs in a separate, throwaway virtual environment, never in the project's: RecBole pins an old
+stack (numpy < 2, scipy < 1.12, pandas < 2.3, setuptools < 70) and its KGIN imports
+torch_scatter, which has no build for current torch (a small stand-in is written on first use,
+below). RecBole never becomes a dependency of the project::
+
+    python3 -m venv /tmp/recbole && /tmp/recbole/bin/pip install torch==2.13.0
+    /tmp/recbole/bin/pip install recbole==1.2.1 "numpy<2" "scipy<1.12" "pandas<2.3" "setuptools<70"
+    diffkg-fast data build --source synthetic --out default.npz
+    diffkg-fast data export default.npz --format recbole --out data/synthetic
+    /tmp/recbole/bin/python bench/recbole_parity.py --data data --model MultiVAE --seed 421 \\
+        --out parity.json [--set key=value ...]
+
+The protocol is the project's: the exported train / valid / test splits as they are
+(``benchmark_filename``), full ranking over all items with training items masked (and
+validation items when testing), Recall and NDCG at 10 / 20 / 40, selection on validation
+NDCG@20, early stopping after ``stopping_step`` validations without improvement, the test split
+ranked once with the selected state. Appends one JSON record per run to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# KGIN's Aggregator imports torch_scatter.scatter_mean; this is all of it that RecBole calls.
+_TORCH_SCATTER = '''
+import torch
+
+
+def scatter_mean(src, index, dim=0, dim_size=None):
+    size = list(src.shape)
+    size[dim] = int(index.max()) + 1 if dim_size is None else dim_size
+    out = torch.zeros(size, dtype=src.dtype, device=src.device).index_add_(dim, index, src)
+    count = torch.zeros(size[dim], dtype=src.dtype, device=src.device).index_add_(
+        0, index, torch.ones_like(index, dtype=src.dtype))
+    shape = [1] * src.dim()
+    shape[dim] = -1
+    return out / count.clamp(min=1).view(shape)
+
+
+def scatter_sum(src, index, dim=0, dim_size=None):
+    size = list(src.shape)
+    size[dim] = int(index.max()) + 1 if dim_size is None else dim_size
+    return torch.zeros(size, dtype=src.dtype, device=src.device).index_add_(dim, index, src)
+'''
+
+
+def _stand_ins() -> None:
+    """Make ``import torch_scatter`` find the stand-in above (a temporary module path)."""
+    try:
+        import torch_scatter  # noqa: F401
+        return
+    except ImportError:
+        pass
+    folder = Path(tempfile.mkdtemp(prefix="recbole_stand_ins_"))
+    (folder / "torch_scatter.py").write_text(_TORCH_SCATTER)
+    sys.path.insert(0, str(folder))
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="folder holding DATASET/DATASET.*.inter")
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--seed", type=int, default=421)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a RecBole config value (JSON or a string)")
+    args = ap.parse_args()
+    _stand_ins()
+    from recbole.quick_start import run_recbole
+
+    config = {
+        "data_path": args.data, "benchmark_filename": ["train", "valid", "test"],
+        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id",
+        "load_col": {"inter": ["user_id", "item_id"],
+                     "kg": ["head_id", "relation_id", "tail_id"],
+                     "link": ["item_id", "entity_id"]},
+        "eval_args": {"mode": "full", "group_by": "user", "order": "RO"},
+        "metrics": ["Recall", "NDCG"], "topk": [10, 20, 40], "valid_metric": "NDCG@20",
+        "metric_decimal_place": 6,
+        "seed": args.seed, "reproducibility": True, "show_progress": False,
+        "checkpoint_dir": tempfile.mkdtemp(prefix="recbole_ckpt_"),
+        "log_wandb": False, "device": "cpu", "gpu_id": "",
+    }
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        config[key] = _value(value)
+    t0 = time.perf_counter()
+    res = run_recbole(model=args.model, dataset=args.dataset, config_dict=config)
+    record = {"model": args.model, "seed": args.seed, "seconds": time.perf_counter() - t0,
+              "sets": args.set, "valid": dict(res["best_valid_result"]),
+              "test": dict(res["test_result"])}
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # RecBole 1.2.1 reloads the best checkpoint of this very run with torch.load's old default;
+    # torch >= 2.6 defaults to weights_only=True, which RecBole's file does not satisfy.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    main()
