@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diffkg_fast.data.errors import DataError
-from diffkg_fast.utils.distributed import Dist
+from diffkg_fast.utils.distributed import Dist, ddp
 
 __all__ = ["TIMEOUT_ENV", "DistributedError", "env_rank", "init", "report_errors", "shutdown",
            "timeout_s", "wrap"]
@@ -106,7 +106,9 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer | None, d: Dist) -> 
     the batch loss never produces. ``find_unused_parameters``: some models leave a parameter
     out of a step's loss (KGAT's TransR tables in its CF steps); DDP then skips it, and a
     parameter no rank used keeps ``grad`` ``None``, so Adam skips it as in the single process.
-    Buffers are not broadcast: every rank built them identically from the seed."""
+    It costs one walk of the autograd graph per step, and torch logs once per rank that it
+    found none where a model uses every parameter (the registered models but KGAT).
+    Buffers are not re-broadcast: every rank built them identically from the seed."""
     if not d.active or optimizer is None:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -115,9 +117,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer | None, d: Dist) -> 
     ignore = [n for n, p in model.named_parameters() if id(p) not in owned]
     if ignore:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    dev = torch.device(d.device)
-    return DDP(model, device_ids=[dev] if dev.type == "cuda" else None,
-               find_unused_parameters=True, broadcast_buffers=False)
+    return ddp(model, d, find_unused=True)
 
 
 # Messages of gloo / NCCL / the TCP store when a peer is gone or a collective timed out.

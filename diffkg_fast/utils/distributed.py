@@ -18,12 +18,13 @@ The rules every caller follows, so that ``N`` ranks reproduce one process:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Dist", "batch_part", "block", "current", "gather_rows", "sum_across"]
+__all__ = ["Dist", "batch_part", "block", "current", "ddp", "gather_rows", "sum_across"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,11 @@ def sum_across(values: dict[str, float], d: Dist) -> dict[str, float]:
         return dict(values)
     import torch.distributed as dist
 
-    keys = sorted(values)
+    keys = sorted(values)  # one order on every rank, whatever order each filled them in
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
-    return dict(zip(keys, t.cpu().tolist(), strict=True))
+    out = dict(zip(keys, t.cpu().tolist(), strict=True))
+    return {k: out[k] for k in values}  # the caller's order (log columns follow it)
 
 
 def gather_rows(x: Tensor, d: Dist) -> Tensor:
@@ -114,3 +116,18 @@ def gather_rows(x: Tensor, d: Dist) -> Tensor:
     parts = [torch.empty_like(pad) for _ in range(d.world)]
     dist.all_gather(parts, pad)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(x.device)
+
+
+def ddp(module: nn.Module, d: Dist, find_unused: bool = False) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` on ``d``'s device, its buffers not re-broadcast
+    before every forward (every rank builds them identically from the seed, and a phase such
+    as KGAT's attention refresh recomputes them identically on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = torch.device(d.device)
+    # torch 2.13 renames the switch (and warns on the old name); the GPU machines' 2.11 and
+    # the oldest torch allowed (2.4) know only broadcast_buffers.
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+    return DDP(module, device_ids=[dev] if dev.type == "cuda" else None,
+               find_unused_parameters=find_unused, **sync)

@@ -46,7 +46,14 @@ from diffkg_fast.ops.diffusion import (
 )
 from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
-from diffkg_fast.utils.distributed import Dist, batch_part, block, gather_rows, sum_across
+from diffkg_fast.utils.distributed import (
+    Dist,
+    batch_part,
+    block,
+    ddp,
+    gather_rows,
+    sum_across,
+)
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["KGDiffusion"]
@@ -96,15 +103,10 @@ class KGDiffusion(nn.Module):
         docstring); the single process's draws and results, up to float reduction order in the
         denoiser's gradients."""
         self.dist = dist
-        if not dist.active:
-            return
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        dev = torch.device(dist.device)
-        # Kept out of the module tree (object.__setattr__): a DDP holding self, registered in
-        # self, would make state_dict() recurse.
-        object.__setattr__(self, "_ddp", DDP(
-            self, device_ids=[dev] if dev.type == "cuda" else None, broadcast_buffers=False))
+        if dist.active:
+            # Kept out of the module tree (object.__setattr__): a DDP holding self, registered
+            # in self, would make state_dict() recurse.
+            object.__setattr__(self, "_ddp", ddp(self, dist))
 
     def forward(self, x0: Tensor, t: Tensor, noise: Tensor, r_t_u: Tensor, ent_rows: Tensor,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
