@@ -181,14 +181,16 @@ class KGDiffusion(nn.Module):
         # A stand-in with the batch's shape, dtype and device and no storage.
         whole = torch.zeros((), device=ent.device).expand(rows.numel(), kg.n_entities)
         t, noise = draw_timesteps_noise(whole, self.steps, gen)
+        # Copies of the part, so that the whole B × E draws are freed before the forward.
+        noise = noise[part].clone()
         mask = None
         if den.dropout > 0:
             # The mask's draw exactly as the loss makes it (dropout_mask / F.dropout on a CPU).
-            mask = dropout_mask(whole, den.dropout, den.dropout_generator)[part]
+            mask = dropout_mask(whole, den.dropout, den.dropout_generator)[part].clone()
         x0 = kg_rows(kg.rowptr, kg.col, rows[part], kg.n_entities)
         den.preset_mask = mask
         try:
-            loss, parts = self._ddp(x0, t[part], noise[part], r_t_u, ent[rows[part]])
+            loss, parts = self._ddp(x0, t[part], noise, r_t_u, ent[rows[part]])
         finally:
             den.preset_mask = None
         return loss, parts, factor
