@@ -152,7 +152,11 @@ class Recommender(nn.Module):
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss and its named parts (detached), from a batch of
         :attr:`batch_kind`. Called as ``model(batch)``, never as another method, so that a
-        ``DistributedDataParallel`` wrapper sees it."""
+        ``DistributedDataParallel`` wrapper sees it.
+
+        Data-parallel runs (``docs/distributed.md``) give each rank a part of the batch and
+        scale its loss as a MEAN over rows plus terms that do not depend on the rows; a loss of
+        that form that draws nothing per row follows the single process's trajectory."""
         raise NotImplementedError
 
     def epoch_info(self) -> dict[str, Any]:
