@@ -296,6 +296,8 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
             log("the run stopped early (patience): nothing more to train")
     elif folder is not None and d.is_main:
         folder.write_config(config.to_dict())
+    if ck is not None and d.active:
+        _same_cuda_stream(ck, d)
     # After the restore: every rank holds the same state when DDP first broadcasts rank 0's.
     run.dist = d
     if d.active:
@@ -327,6 +329,22 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
                 f"{run.selection.bad} validations")
             break
     return _finish(run, log, t_start, folder)
+
+
+def _same_cuda_stream(ck: dict[str, Any], d: Dist) -> None:
+    """Give this rank's GPU the global CUDA generator state of the GPU that wrote ``ck``.
+
+    Each rank draws its global-generator numbers (DiffKG's denoiser dropout) on its own GPU,
+    all of them seeded alike, so they stay in step; but a checkpoint holds rank 0's view, where
+    only its own GPU's generator advanced. Restoring every device's entry would put rank k's
+    GPU back to its seed state. (Not run yet: no machine with several GPUs was available.)"""
+    saved = ck.get("rng", {}).get("cuda")
+    if not saved or not d.device.startswith("cuda") or not torch.cuda.is_available():
+        return
+    device = str(ck["config"].get("device", "cuda"))
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index < len(saved):
+        torch.cuda.set_rng_state(saved[index], device=d.device)
 
 
 def _finish(run: _Run, log: Callable[[str], Any], t_start: float,
