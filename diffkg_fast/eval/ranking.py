@@ -144,6 +144,30 @@ def ranking_metrics(
     A target item that is also excluded can never be hit but still counts in ``|T_u|``: the
     splits are disjoint by construction (``KGDataset.validate``), so this never happens there.
     """
+    sums, n = ranking_sums(score_fn, users, target, exclude, ks, batch_size, device)
+    out: dict[str, float] = {key: (v / n if n else float("nan")) for key, v in sums.items()}
+    out["n_users"] = n
+    return out
+
+
+def ranking_sums(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    users: Sequence[int] | np.ndarray | None,
+    target: sp.spmatrix,
+    exclude: Sequence[sp.spmatrix] = (),
+    ks: Sequence[int] = KS,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    select: Callable[[int], range] | None = None,
+) -> tuple[dict[str, float], int]:
+    """The per-user Recall@K and NDCG@K SUMMED, and the number of users summed: what
+    :func:`ranking_metrics` divides, and what ranks sharing an evaluation add up exactly (a mean
+    of per-rank means would weigh users unequally).
+
+    ``select(n_batches)``: the indices of the ``batch_size`` user batches to compute (default
+    all); each batch is scored as :func:`ranking_metrics` scores it, so a rank computing a block
+    of batches gets the single process's numbers for them.
+    """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -165,7 +189,10 @@ def ranking_metrics(
     w = 1.0 / np.log2(np.arange(max_k) + 2.0)
     cum_w = np.cumsum(w)
     sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
-    for batch in _user_batches(all_users, batch_size):
+    batches = _user_batches(all_users, batch_size)
+    picked = range(len(batches)) if select is None else select(len(batches))
+    n = 0
+    for batch in (batches[i] for i in picked):
         b = len(batch)
         scores = score_fn(torch.as_tensor(batch, dtype=torch.long, device=dev))
         if tuple(scores.shape) != (b, n_items):
@@ -194,7 +221,5 @@ def ranking_metrics(
             sums[f"recall@{k}"] += float(np.sum(n_hit[:, k - 1] / n_tgt))
             idcg = cum_w[np.minimum(n_tgt, k) - 1]
             sums[f"ndcg@{k}"] += float(np.sum(dcg[:, k - 1] / idcg))
-    n = len(all_users)
-    out: dict[str, float] = {key: (v / n if n else float("nan")) for key, v in sums.items()}
-    out["n_users"] = n
-    return out
+        n += b
+    return sums, n

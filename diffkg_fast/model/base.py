@@ -141,10 +141,22 @@ class Recommender(nn.Module):
         """Work the model owns after the epoch's batches, before validation (default: none)."""
         return EpochReport({}, {}, {})
 
+    def distribute(self, dist: Any) -> None:
+        """Called by the trainer once, before the first epoch of a data-parallel run (``dist``:
+        a :class:`~diffkg_fast.utils.distributed.Dist`). A model whose epoch phases train or
+        compute on their own shards them here (DiffKG: its denoiser's pass and the rebuild).
+        Default: nothing, and the phases run whole on every rank, which keeps the ranks'
+        states identical as long as they draw only from the model's seeded streams (KGAT's
+        TransR phase and attention refresh)."""
+
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss and its named parts (detached), from a batch of
         :attr:`batch_kind`. Called as ``model(batch)``, never as another method, so that a
-        ``DistributedDataParallel`` wrapper sees it."""
+        ``DistributedDataParallel`` wrapper sees it.
+
+        Data-parallel runs (``docs/distributed.md``) give each rank a part of the batch and
+        scale its loss as a MEAN over rows plus terms that do not depend on the rows; a loss of
+        that form that draws nothing per row follows the single process's trajectory."""
         raise NotImplementedError
 
     def epoch_info(self) -> dict[str, Any]:

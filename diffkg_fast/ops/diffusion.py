@@ -229,6 +229,9 @@ class Denoiser(nn.Module):
         self.n_entities, self.hidden, self.emb_size = n_entities, hidden, emb_size
         self.norm, self.dropout = norm, dropout
         self.dropout_generator = dropout_generator
+        # A mask the caller drew (a data-parallel rank: its rows of the whole batch's draw, so
+        # that it trains on the single process's masks); used instead of drawing while set.
+        self.preset_mask: Tensor | None = None
         kw = {"device": device, "dtype": dtype}
         self.emb_layer = nn.Linear(emb_size, emb_size, **kw)
         self.in_layer = nn.Linear(n_entities + emb_size, hidden, **kw)
@@ -260,7 +263,9 @@ class Denoiser(nn.Module):
         if self.norm:
             x = F.normalize(x, dim=-1)
         if self.training if dropout is None else dropout:
-            if self.dropout_generator is None:
+            if self.preset_mask is not None:
+                x = x * self.preset_mask
+            elif self.dropout_generator is None:
                 x = F.dropout(x, self.dropout, training=True)
             elif self.dropout > 0:
                 x = x * dropout_mask(x, self.dropout, self.dropout_generator)

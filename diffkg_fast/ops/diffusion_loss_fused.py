@@ -139,8 +139,11 @@ def diffusion_loss_fused(
     abar = schedule.alphas_cumprod.to(x0.device)
     mask = None
     if denoiser.training and denoiser.dropout > 0:
-        # F.dropout's CPU draw (zeros, no draw, at p >= 1), or the denoiser's own generator.
-        mask = dropout_mask(x0, denoiser.dropout, denoiser.dropout_generator)
+        # F.dropout's CPU draw (zeros, no draw, at p >= 1), or the denoiser's own generator,
+        # or the rows of a whole batch's draw a data-parallel rank presets.
+        mask = getattr(denoiser, "preset_mask", None)
+        if mask is None:
+            mask = dropout_mask(x0, denoiser.dropout, denoiser.dropout_generator)
     use_triton = use_triton and x0.dtype == torch.float32  # the row kernels are float32
     if denoiser.norm:
         x_in = _prologue(x0, t, noise, abar.sqrt(), (1.0 - abar).sqrt(), mask, use_triton)

@@ -10,6 +10,10 @@ Config: every config key is a flag of its own name (``--reg 1e-5``, the same as
 DiffKG's other ``Params.py`` flags map to this tool's (:data:`PARAMS_ALIASES`). Precedence is
 :mod:`diffkg_fast.train.config`'s. A run folder (``--out DIR``) is
 :mod:`diffkg_fast.train.run_folder`'s: ``--resume`` continues it from its own config and data.
+
+Under ``torchrun`` (:mod:`diffkg_fast.train.distributed`) every rank runs :func:`cmd_train`;
+rank 0 alone holds the run folder's lock, writes it and prints; ``data.json`` records the world
+size of the latest session.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.open import SYNTHETIC, open_dataset, resolve_spec
 from diffkg_fast.model.registry import MODELS
+from diffkg_fast.train import distributed as launch
 from diffkg_fast.train.config import (
     TRAIN_KEYS,
     RunConfig,
@@ -132,7 +137,7 @@ def _resumed(folder: RunFolder, args: argparse.Namespace,
 
 
 def _fresh(folder: RunFolder | None, args: argparse.Namespace,
-           sets: dict[str, Any]) -> tuple[KGDataset, RunConfig, str]:
+           sets: dict[str, Any], main: bool = True) -> tuple[KGDataset, RunConfig, str]:
     if folder is not None and folder.holds_run():  # never overwrite a run by accident
         raise DataError("already holds a run; pass --resume to continue it or choose another "
                         "--out", path=folder.path)
@@ -140,7 +145,7 @@ def _fresh(folder: RunFolder | None, args: argparse.Namespace,
     ds = open_dataset(spec)
     name = args.preset or default_preset(ds)
     config = resolve_config(args.config, sets, args.device, name)
-    if folder is not None:
+    if folder is not None and main:
         folder.write_data_info(resolve_spec(spec), dataset_fingerprint(ds), name)
     return ds, config, name
 
@@ -155,39 +160,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.tensorboard and folder is None:  # the event files need a folder to go to
         raise DataError("--tensorboard needs --out DIR (logs go to DIR/tb)",
                         field="--tensorboard")
-    if folder is None:
-        return _train_and_report(None, args, sets)
+    main = launch.env_rank()[0] == 0
+    if folder is None or not main:
+        return _train_and_report(folder, args, sets, main)
     with folder.lock():  # held from data.json to the last checkpoint
-        return _train_and_report(folder, args, sets)
+        return _train_and_report(folder, args, sets, main)
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    """``print`` on the ranks other than 0."""
 
 
 def _train_and_report(folder: RunFolder | None, args: argparse.Namespace,
-                      sets: dict[str, Any]) -> int:
+                      sets: dict[str, Any], main: bool = True) -> int:
+    say = print if main else _quiet
     if args.resume:
         assert folder is not None
         ds, config, name = _resumed(folder, args, sets)
     else:
-        ds, config, name = _fresh(folder, args, sets)
-    # Built before any work so that a missing tensorboard package is refused up front; it
-    # writes nothing until the first epoch ends.
-    reporter = (None if folder is None else
-                RunReporter(folder.path, tensorboard=args.tensorboard, plot=not args.no_plot))
-    print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {ds.n_entities} entities; "
-          f"model {config['model']}, preset {name}"
-          + ("" if args.preset or args.resume
-             else " (the default for this data; --preset diffkg: Params.py)"))
+        ds, config, name = _fresh(folder, args, sets, main)
+    d, device = launch.init(config["device"])
     try:
-        res = train(ds, config, log=print, out_dir=None if folder is None else folder.path,
-                    resume=args.resume, progress=not args.no_progress, reporter=reporter)
+        if device != config["device"]:  # cuda -> cuda:LOCAL_RANK under torchrun
+            config = RunConfig({**config.to_dict(), "device": device})
+        if folder is not None and main:
+            folder.record_world_size(d.world)
+        # Built before any work so that a missing tensorboard package is refused up front; it
+        # writes nothing until the first epoch ends.
+        reporter = (None if folder is None or not main else
+                    RunReporter(folder.path, tensorboard=args.tensorboard,
+                                plot=not args.no_plot))
+        say(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {ds.n_entities} "
+            f"entities; model {config['model']}, preset {name}"
+            + ("" if args.preset or args.resume
+               else " (the default for this data; --preset diffkg: Params.py)"))
+        try:
+            with launch.report_errors(d):
+                res = train(ds, config, log=print,
+                            out_dir=None if folder is None else folder.path,
+                            resume=args.resume, progress=not args.no_progress,
+                            reporter=reporter, dist=d)
+        finally:
+            if reporter is not None:
+                reporter.close()
     finally:
-        if reporter is not None:
-            reporter.close()
-    print(f"\nbest epoch {res.best_epoch} ({len(res.history)} epochs, "
-          f"{res.total_time:.1f} s this session)")
-    print(format_metrics({"valid": res.val, "test": res.test}, "table"))
-    print(format_example(LoadedRun(config, ds, res.model, res.sets)))
+        launch.shutdown(d)
+    say(f"\nbest epoch {res.best_epoch} ({len(res.history)} epochs, "
+        f"{res.total_time:.1f} s this session)")
+    say(format_metrics({"valid": res.val, "test": res.test}, "table"))
+    if main:  # it ranks the example patient: rank 0's output only
+        print(format_example(LoadedRun(config, ds, res.model, res.sets)))
     if folder is not None:
-        print(f"run saved in {folder.path}")
+        say(f"run saved in {folder.path}")
     return 0
 
 

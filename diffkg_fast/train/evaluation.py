@@ -18,6 +18,13 @@
   :class:`~diffkg_fast.eval.set_choice.SetChoice` (chosen on validation by :func:`choose_sets`
   after training) its plain rule, and its DDI-aware rule's metrics as ``safe_*`` on a dataset
   with a ``ddi`` relation (PRAUC reads scores only, so it has no ``safe_`` twin).
+
+Sharded (``dist``, a data-parallel run): each rank scores a contiguous block of the user batches
+(the single process's batches, so each is scored with the same shapes and gives the same bits);
+the ranking metrics' per-user SUMS and user counts are added over the ranks and divided once
+(exact up to float64 summation order; never a mean of the ranks' means); the held-out visits'
+scores are gathered in order, and the set metrics computed from them on every rank are the
+single process's.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from diffkg_fast.eval.medication import (
     medication_metrics,
     visit_med_matrix,
 )
-from diffkg_fast.eval.ranking import KS, ranking_metrics
+from diffkg_fast.eval.ranking import KS, ranking_metrics, ranking_sums
 from diffkg_fast.eval.set_choice import SetChoice, choose_rules
 from diffkg_fast.eval.sets import SetRule, fit_visit_size, select_sets, visit_code_counts
 from diffkg_fast.model.base import Patients, Recommender
@@ -48,6 +55,7 @@ from diffkg_fast.model.patients import (
     visit_history_meds,
 )
 from diffkg_fast.ops.graph import torch_csr
+from diffkg_fast.utils.distributed import Dist, block, gather_rows, sum_across
 
 __all__ = ["SPLIT_ID", "VisitArrays", "choose_sets", "ddi_adjacency", "default_rule",
            "evaluate_split", "has_visit_split", "set_metrics", "visit_arrays", "visit_metrics"]
@@ -82,9 +90,10 @@ def _score_fn(model: Recommender, ds: KGDataset, split: str) -> Callable[[Tensor
 
 
 @torch.no_grad()
-def _visit_scores(model: Recommender, ds: KGDataset, split: str,
-                  batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(visits × items scores, visit ids)`` of the held-out visits of ``split``."""
+def _visit_scores(model: Recommender, ds: KGDataset, split: str, batch: int,
+                  dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(visits × items scores, visit ids)`` of the held-out visits of ``split``; with
+    ``dist``, each rank scores its block of the batches and all receive all the scores."""
     assert ds.visits is not None
     sid = SPLIT_ID[split]
     patients = torch.from_numpy(np.asarray(ds.visits.patient, dtype=np.int64))
@@ -93,13 +102,16 @@ def _visit_scores(model: Recommender, ds: KGDataset, split: str,
     codes = visit_code_matrix(ds.visits, ds.n_entities, sid)[0] if "codes" in inputs else None
     meds = visit_history_meds(ds.visits, ds.n_items, sid)[0] if "meds" in inputs else None
     out = []
-    for lo in range(0, len(vids), batch):
+    starts = range(0, len(vids), batch)
+    d = dist or Dist()
+    for lo in (starts[i] for i in block(len(starts), d)):
         part = slice(lo, lo + batch)
         users = patients[vids[part]]
         known = Patients(users, None if codes is None else torch_csr(codes[part]),
                          None if meds is None else torch_csr(meds[part]))
         out.append(model.score_patients(known).float().cpu())
-    return (torch.cat(out).numpy() if out else np.zeros((0, ds.n_items), np.float32)), vids
+    scores = torch.cat(out) if out else torch.zeros((0, ds.n_items))
+    return gather_rows(scores, d).numpy(), vids
 
 
 def ddi_adjacency(ds: KGDataset) -> np.ndarray | None:
@@ -129,11 +141,12 @@ class VisitArrays(NamedTuple):
 
 @torch.no_grad()
 def visit_arrays(model: Recommender, ds: KGDataset, split: str,
-                 batch: int = 1024) -> VisitArrays:
-    """Scores, prescriptions and code counts of the held-out visits of ``split``."""
+                 batch: int = 1024, dist: Dist | None = None) -> VisitArrays:
+    """Scores, prescriptions and code counts of the held-out visits of ``split`` (``dist``:
+    scored sharded, every rank gets them all)."""
     assert ds.visits is not None
     model.eval()
-    scores, vids = _visit_scores(model, ds, split, batch)
+    scores, vids = _visit_scores(model, ds, split, batch, dist)
     truth = visit_med_matrix(ds.visits, ds.n_items, SPLIT_ID[split]).toarray() > 0
     assert len(vids) == truth.shape[0]
     return VisitArrays(scores, truth, visit_code_counts(ds.visits)[vids])
@@ -147,9 +160,9 @@ def set_metrics(v: VisitArrays, ds: KGDataset, rule: SetRule) -> dict[str, float
 
 
 def visit_metrics(model: Recommender, ds: KGDataset, split: str, batch: int,
-                  sets: SetChoice | None) -> dict[str, float]:
+                  sets: SetChoice | None, dist: Dist | None = None) -> dict[str, float]:
     """``med_*`` (and ``safe_*``) metrics of the held-out visits of ``split``."""
-    v = visit_arrays(model, ds, split, batch)
+    v = visit_arrays(model, ds, split, batch, dist)
     out = {f"med_{k}": x for k, x in set_metrics(
         v, ds, default_rule(ds) if sets is None else sets.plain).items()}
     if sets is not None and has_ddi(ds):
@@ -160,30 +173,41 @@ def visit_metrics(model: Recommender, ds: KGDataset, split: str, batch: int,
 
 
 def choose_sets(model: Recommender, ds: KGDataset, *, target_ddi: float,
-                batch_size: int = 1024) -> SetChoice:
+                batch_size: int = 1024, dist: Dist | None = None) -> SetChoice:
     """The plain and DDI-aware set rules of ``model``, chosen on the validation visits
     (:func:`~diffkg_fast.eval.set_choice.choose_rules`); a dataset with a visit split only."""
     if not has_visit_split(ds):
         raise ValueError("set rules are chosen on validation visits: the dataset has no visit "
                          "split")
     assert ds.visits is not None
-    v = visit_arrays(model, ds, "valid", batch_size)
+    v = visit_arrays(model, ds, "valid", batch_size, dist)
     return choose_rules(v.scores, v.truth, ddi_adjacency(ds), v.n_codes,
                         fit_visit_size(ds.visits), int(default_rule(ds).param), target_ddi)
 
 
 def evaluate_split(model: Recommender, ds: KGDataset, split: str, *, batch_size: int = 1024,
-                   device: str = "cpu", sets: SetChoice | None = None) -> dict[str, float]:
+                   device: str = "cpu", sets: SetChoice | None = None,
+                   dist: Dist | None = None) -> dict[str, float]:
     """Ranking metrics of ``split`` (``"valid"`` or ``"test"``), plus ``med_*`` (and, with
     ``sets`` and a ``ddi`` relation, ``safe_*``) metrics for a dataset with a visit split
-    (module docstring), with the model's current state."""
+    (module docstring), with the model's current state; ``dist``: sharded over the ranks of a
+    data-parallel run, every rank returning the same metrics."""
     if split not in SPLIT_ID:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model.eval()
     target = ds.valid if split == "valid" else ds.test
     exclude: list[sp.spmatrix] = [ds.train] if split == "valid" else [ds.train, ds.valid]
-    out = ranking_metrics(_score_fn(model, ds, split), None, target, exclude=exclude,
-                          ks=KS, batch_size=batch_size, device=device)
+    if dist is None or not dist.active:
+        out = ranking_metrics(_score_fn(model, ds, split), None, target, exclude=exclude,
+                              ks=KS, batch_size=batch_size, device=device)
+    else:
+        sums, n = ranking_sums(_score_fn(model, ds, split), None, target, exclude=exclude,
+                               ks=KS, batch_size=batch_size, device=device,
+                               select=lambda n_batches: block(n_batches, dist))
+        total = sum_across({**sums, "n_users": float(n)}, dist)
+        n = int(total["n_users"])
+        out = {k: (total[k] / n if n else float("nan")) for k in sums}
+        out["n_users"] = n
     if has_visit_split(ds):
-        out.update(visit_metrics(model, ds, split, batch_size, sets))
+        out.update(visit_metrics(model, ds, split, batch_size, sets, dist))
     return out

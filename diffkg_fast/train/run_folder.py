@@ -1,6 +1,7 @@
 """A run folder (``train --out DIR``): the files of one run, owned by this module alone.
 
-    DIR/data.json       the dataset (``--data`` spec), its fingerprint and the preset used
+    DIR/data.json       the dataset (``--data`` spec), its fingerprint, the preset used and the
+                        world size (processes) of the latest session
     DIR/config.json     the resolved config (loadable by ``--config``)
     DIR/checkpoint.pt   everything an exact resume needs, with the config and the dataset
                         fingerprint inside, and a digest (:mod:`diffkg_fast.train.checkpoint`)
@@ -192,6 +193,19 @@ class RunFolder:
     def write_data_info(self, spec: str, fingerprint: str, preset: str | None) -> None:
         with _writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
             json.dump({"data": spec, "fingerprint": fingerprint, "preset": preset}, f, indent=2)
+
+    def record_world_size(self, world: int) -> None:
+        """Set ``data.json``'s ``world_size``: how many processes the latest session trained
+        with (``torchrun``; 1 without). Its epochs' ``world_size`` column in ``log.csv`` says
+        which epochs ran data-parallel. Nothing to do without a data.json (the Python API)."""
+        if not self.file(DATA_FILE).is_file():
+            return
+        info = self.read_data_info()
+        if info.get("world_size") == world:
+            return
+        info["world_size"] = world
+        with _writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
+            json.dump(info, f, indent=2)
 
     def read_data_info(self) -> dict[str, Any]:
         """``data.json``'s content (empty when the folder has none)."""

@@ -8,6 +8,11 @@
 The draws come from their own streams of the run's seed (``negatives``, ``shuffle``;
 :func:`~diffkg_fast.utils.seed.rng_stream`), so the batches of an epoch depend on the seed and
 the epoch number only, never on the model or on what else drew random numbers.
+
+Data-parallel runs (:mod:`diffkg_fast.utils.distributed`): every rank draws the same global
+permutation and negatives and :meth:`PairSampler.part_batches` yields its part of each global
+batch of ``batch`` rows, with the factor its loss is scaled by (``batch_part``), so ``N`` ranks
+step through the single process's batches.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor
 
 from diffkg_fast.model.base import PairBatch, UserBatch
+from diffkg_fast.utils.distributed import Dist, batch_part
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["SAMPLERS", "PairSampler", "UserSampler", "interactions", "sample_negatives"]
@@ -88,11 +94,19 @@ class PairSampler:
     def batches(self, neg: Tensor, limit: int | None = None) -> Iterator[PairBatch]:
         """The epoch's batches in a shuffled order (one draw of stream ``shuffle``); the first
         ``limit`` only (benchmarks)."""
-        perm = torch.randperm(self.users.numel(), generator=self.generators["shuffle"])
-        starts = range(0, self.users.numel(), self.batch)[:limit]
-        for start in starts:
-            b = perm[start:start + self.batch]
+        for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
+                                limit):
             yield PairBatch(self.users[b], self.items[b], neg[b])
+
+    def part_batches(self, neg: Tensor, d: Dist, limit: int | None = None,
+                     ) -> Iterator[tuple[PairBatch, float]]:
+        """This rank's part of each of :meth:`batches`' batches and its loss factor
+        (:func:`~diffkg_fast.utils.distributed.batch_part`); the same draws on every rank."""
+        for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
+                                limit):
+            part, factor = batch_part(b.numel(), d)
+            b = b[part]
+            yield PairBatch(self.users[b], self.items[b], neg[b]), factor
 
     def state_dict(self) -> dict[str, Any]:
         return {name: g.get_state() for name, g in self.generators.items()}
@@ -123,12 +137,20 @@ class UserSampler:
         return None
 
     def batches(self, _neg: None = None, limit: int | None = None) -> Iterator[UserBatch]:
-        perm = self.users[torch.randperm(self.users.numel(),
-                                         generator=self.generators["shuffle"])]
-        for start in range(0, perm.numel(), self.batch)[:limit]:
-            users = perm[start:start + self.batch]
-            rows = torch.from_numpy(self.train[users.numpy()].toarray())
-            yield UserBatch(users, rows)
+        for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
+                                limit):
+            yield self._batch(self.users[b])
+
+    def part_batches(self, _neg: None, d: Dist, limit: int | None = None,
+                     ) -> Iterator[tuple[UserBatch, float]]:
+        """This rank's part of each of :meth:`batches`' batches and its loss factor."""
+        for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
+                                limit):
+            part, factor = batch_part(b.numel(), d)
+            yield self._batch(self.users[b[part]]), factor
+
+    def _batch(self, users: Tensor) -> UserBatch:
+        return UserBatch(users, torch.from_numpy(self.train[users.numpy()].toarray()))
 
     def state_dict(self) -> dict[str, Any]:
         return {name: g.get_state() for name, g in self.generators.items()}
@@ -139,6 +161,15 @@ class UserSampler:
                              f"{sorted(self.generators)}")
         for name, g in self.generators.items():
             g.set_state(state[name])
+
+
+def _index_batches(n: int, batch: int, shuffle: torch.Generator,
+                   limit: int | None) -> Iterator[Tensor]:
+    """Positions ``0 … n-1`` in one shuffled order (one draw of ``shuffle``), ``batch`` at a
+    time; the first ``limit`` batches only."""
+    perm = torch.randperm(n, generator=shuffle)
+    for start in range(0, n, batch)[:limit]:
+        yield perm[start:start + batch]
 
 
 # batch_kind -> sampler; "none" (nothing to train) has none.

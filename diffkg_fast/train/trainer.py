@@ -20,6 +20,15 @@ Randomness: ``seed_everything(seed)``, then every draw from a named stream of th
 model's own, the sampler's ``negatives`` and ``shuffle``). With ``out_dir`` the run folder
 (:mod:`~diffkg_fast.train.run_folder`) is rewritten after every epoch, and ``resume=True``
 continues from its checkpoint to the same bits as an uninterrupted run.
+
+Data-parallel (``torchrun``, or any initialised default process group;
+:mod:`~diffkg_fast.train.distributed`): the recommender runs in ``DistributedDataParallel`` and
+every rank steps through its part of each global batch of ``batch`` rows (the loss scaled so
+that DDP's average is the global batch's mean: ``batch_part``), so ``N`` ranks follow the
+single process's trajectory up to float reduction order; the model shards its own phases
+(``Recommender.distribute``); validation and test are sharded by users and their sums reduced;
+rank 0 alone logs, shows progress and writes the run folder (every rank holds the same state,
+so its checkpoint resumes at any world size).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,7 @@ from diffkg_fast.eval.set_choice import SetChoice
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.train.checkpoint import CheckpointError, get_rng_state, set_rng_state
 from diffkg_fast.train.config import RunConfig, TrainConfig
+from diffkg_fast.train.distributed import wrap
 from diffkg_fast.train.evaluation import (
     choose_sets,
     evaluate_split,
@@ -50,6 +60,7 @@ from diffkg_fast.train.report import RunReporter, epoch_line, progress
 from diffkg_fast.train.run_folder import CHECKPOINT, RunFolder, check_resume, dataset_fingerprint
 from diffkg_fast.train.sampling import SAMPLERS, PairSampler, UserSampler
 from diffkg_fast.train.selection import Selection, SelectionError
+from diffkg_fast.utils.distributed import Dist, current, sum_across
 from diffkg_fast.utils.seed import seed_everything
 
 __all__ = ["TrainResult", "train"]
@@ -88,6 +99,9 @@ class _Run:
     sampler: PairSampler | UserSampler | None
     selection: Selection
     history: list[dict[str, Any]]
+    dist: Dist = field(default_factory=Dist)
+    # What each training step calls: the model, or its DistributedDataParallel wrapper.
+    step: torch.nn.Module | None = None
 
     @property
     def cfg(self) -> TrainConfig:
@@ -133,6 +147,8 @@ def _build(ds: KGDataset, config: RunConfig) -> _Run:
 def _batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, float]:
     """The epoch's batch loop; the mean loss parts."""
     assert run.sampler is not None and run.optimizer is not None
+    if run.dist.active:
+        return _part_batches(run, epoch, limit, show)
     neg = run.sampler.negatives()
     run.model.train()
     total = min(len(run.sampler), limit) if limit else len(run.sampler)
@@ -147,6 +163,33 @@ def _batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, 
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n_steps += 1
+    return {k: v / max(n_steps, 1) for k, v in sums.items()}
+
+
+def _part_batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, float]:
+    """:func:`_batches` on one rank of several: this rank's part of every global batch, its
+    loss scaled by the part's factor (``batch_part``) through the DDP wrapper; the logged loss
+    parts are the global batches' (each rank adds ``factor / W`` of its own, summed over ranks
+    once per epoch)."""
+    assert run.sampler is not None and run.optimizer is not None and run.step is not None
+    d = run.dist
+    neg = run.sampler.negatives()
+    run.model.train()
+    total = min(len(run.sampler), limit) if limit else len(run.sampler)
+    sums: dict[str, float] = {"total": 0.0}
+    n_steps = 0
+    for batch, factor in progress(run.sampler.part_batches(neg, d, limit), total,
+                                  f"epoch {epoch}", show):
+        loss, parts = run.step(batch.to(run.cfg.device))
+        run.optimizer.zero_grad(set_to_none=True)
+        (loss * factor).backward()
+        run.optimizer.step()
+        share = factor / d.world
+        sums["total"] += share * float(loss.detach())
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + share * float(v)
+        n_steps += 1
+    sums = sum_across(sums, d)
     return {k: v / max(n_steps, 1) for k, v in sums.items()}
 
 
@@ -167,9 +210,11 @@ def _epoch(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, An
     if epoch % run.cfg.eval_every == 0 or epoch == run.epochs() - 1:
         t0 = time.perf_counter()
         val = evaluate_split(run.model, run.ds, "valid", batch_size=run.cfg.test_batch,
-                             device=run.cfg.device)
+                             device=run.cfg.device, dist=run.dist)
         times["evaluation"] = time.perf_counter() - t0
     info = {**report.info, **end.info, **run.model.epoch_info()}
+    if run.dist.active:  # only then, so that a single-process log keeps its columns
+        info["world_size"] = run.dist.world
     return {"epoch": epoch, "loss": losses, "info": info, "val": val, "time": times}
 
 
@@ -196,7 +241,7 @@ def _check_unseen(ds: KGDataset, model: Recommender, name: str) -> None:
 def train(ds: KGDataset, config: RunConfig, *, log: Callable[[str], Any] = print,
           out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
           reporter: RunReporter | None = None,
-          limit_batches: int | None = None) -> TrainResult:
+          limit_batches: int | None = None, dist: Dist | None = None) -> TrainResult:
     """Train ``config``'s model on ``ds``, select on validation, test once (module docstring).
 
     ``out_dir``: the run folder, locked and rewritten after every epoch (``None``: nothing is
@@ -205,19 +250,29 @@ def train(ds: KGDataset, config: RunConfig, *, log: Callable[[str], Any] = print
     over the batches of an epoch. ``reporter``: given the history after every epoch (plot,
     TensorBoard). Neither changes a result. ``limit_batches``: benchmarks only: at most this
     many batches in every loop of an epoch (evaluation stays complete); ``None`` = all.
+    ``dist``: this process's place in a data-parallel run (default: the initialised default
+    process group's, else the single process); only rank 0 logs, shows progress, reports and
+    writes ``out_dir`` (the other ranks read its checkpoint to resume: a shared folder).
     """
     if limit_batches is not None and limit_batches < 1:
         raise ValueError(f"limit_batches must be >= 1 or None, got {limit_batches}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir")
+    d = current() if dist is None else dist
+    if not d.is_main:
+        log, progress, reporter = _silent, False, None
     folder = None if out_dir is None else RunFolder(out_dir)
-    with contextlib.nullcontext() if folder is None else folder.lock():
-        return _train(ds, config, log, folder, resume, progress, reporter, limit_batches)
+    with contextlib.nullcontext() if folder is None or not d.is_main else folder.lock():
+        return _train(ds, config, log, folder, resume, progress, reporter, limit_batches, d)
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
            folder: RunFolder | None, resume: bool, show: bool, reporter: RunReporter | None,
-           limit: int | None) -> TrainResult:
+           limit: int | None, d: Dist) -> TrainResult:
     t_start = time.perf_counter()
     _check_validation(ds)
     fingerprint = dataset_fingerprint(ds) if folder is not None else ""
@@ -239,8 +294,23 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
         log(f"resumed from {folder.file(CHECKPOINT)} after epoch {ck['epoch']}")  # type: ignore
         if run.selection.stopped:
             log("the run stopped early (patience): nothing more to train")
-    elif folder is not None:
+    elif folder is not None and d.is_main:
         folder.write_config(config.to_dict())
+    if ck is not None and d.active:
+        _same_cuda_stream(ck, d)
+    # After the restore: every rank holds the same state when DDP first broadcasts rank 0's.
+    run.dist = d
+    if d.active:
+        run.model.distribute(d)
+        log(f"data-parallel over {d.world} processes (rank 0 logs and writes)")
+        if run.model.batch_kind == "users":
+            # MultiVAE, CDAE, DiffRec draw noise per row inside forward, from their own
+            # stream: each rank draws for its part alone (docs/distributed.md).
+            log(f"note: {config['model']} draws its noise per row of each rank's part: "
+                "data-parallel, but not the single process's trajectory")
+    run.step = wrap(run.model, run.optimizer, d)
+    if not d.is_main:
+        folder = None  # rank 0 alone writes the run folder
     metric = run.selection.metric
     for epoch in range(start, 0 if run.selection.stopped else run.epochs()):
         record = _epoch(run, epoch, limit, show)
@@ -261,6 +331,22 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
     return _finish(run, log, t_start, folder)
 
 
+def _same_cuda_stream(ck: dict[str, Any], d: Dist) -> None:
+    """Give this rank's GPU the global CUDA generator state of the GPU that wrote ``ck``.
+
+    Each rank draws its global-generator numbers (DiffKG's denoiser dropout) on its own GPU,
+    all of them seeded alike, so they stay in step; but a checkpoint holds rank 0's view, where
+    only its own GPU's generator advanced. Restoring every device's entry would put rank k's
+    GPU back to its seed state. (Not run yet: no machine with several GPUs was available.)"""
+    saved = ck.get("rng", {}).get("cuda")
+    if not saved or not d.device.startswith("cuda") or not torch.cuda.is_available():
+        return
+    device = str(ck["config"].get("device", "cuda"))
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index < len(saved):
+        torch.cuda.set_rng_state(saved[index], device=d.device)
+
+
 def _finish(run: _Run, log: Callable[[str], Any], t_start: float,
             folder: RunFolder | None) -> TrainResult:
     """Load the best state, choose the set rules on validation, rank the test split once."""
@@ -270,15 +356,16 @@ def _finish(run: _Run, log: Callable[[str], Any], t_start: float,
     sets = None
     if has_visit_split(run.ds):
         sets = choose_sets(run.model, run.ds, target_ddi=cfg.target_ddi,
-                           batch_size=cfg.test_batch)
+                           batch_size=cfg.test_batch, dist=run.dist)
         # The epoch's med_* used the default rule; the chosen one replaces it.
-        val.update(visit_metrics(run.model, run.ds, "valid", cfg.test_batch, sets))
+        val.update(visit_metrics(run.model, run.ds, "valid", cfg.test_batch, sets,
+                                 dist=run.dist))
         log(f"set rule chosen on validation: {sets.plain.describe()}; DDI-aware: "
             f"{sets.safe.describe()} ({sets.criterion})")
         if folder is not None:
             folder.record_sets(sets.to_dict())
     test = evaluate_split(run.model, run.ds, "test", batch_size=cfg.test_batch,
-                          device=cfg.device, sets=sets)
+                          device=cfg.device, sets=sets, dist=run.dist)
     k = sel.metric.split("@")[1]
     log(f"best epoch {sel.best_epoch}: val {sel.metric} {val[sel.metric]:.4f}  test "
         f"recall@{k} {test[f'recall@{k}']:.4f} ndcg@{k} {test[f'ndcg@{k}']:.4f}")

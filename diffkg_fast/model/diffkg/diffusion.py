@@ -16,6 +16,13 @@ those with probability ``keepRate``: the denoised KG of the epoch, a subset of t
 
 The math of each step lives in :mod:`diffkg_fast.ops.diffusion` (the reference) and its fused
 kernels; this module owns the state (denoiser, optimiser, random streams) and the two passes.
+
+Data-parallel (:meth:`KGDiffusion.distribute`): the denoiser runs in its own
+``DistributedDataParallel``; each global batch of rows is drawn whole on every rank (row order,
+timesteps, noise, dropout mask: the single process's draws) and each rank computes the loss of
+its part, scaled as the trainer scales its batches (``batch_part``); the rebuild's row batches
+are split in blocks over the ranks and their top-k all-gathered, so every rank rebuilds the
+single process's KG.
 """
 
 from __future__ import annotations
@@ -33,11 +40,20 @@ from diffkg_fast.ops.diffusion import (
     DiffusionSchedule,
     diffusion_loss,
     draw_timesteps_noise,
+    dropout_mask,
     kg_rows,
     sample_topk,
 )
 from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.utils.distributed import (
+    Dist,
+    batch_part,
+    block,
+    ddp,
+    gather_rows,
+    sum_across,
+)
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["KGDiffusion"]
@@ -79,6 +95,18 @@ class KGDiffusion(nn.Module):
         self.rt = torch_csr((sp.csr_matrix(train) != 0).T.astype(np.float32), dev)
         self.rows = torch.arange(kg.n_entities, device=dev)
         self.generators = {name: rng_stream(seed, name) for name in ("diffusion", "rebuild")}
+        self.dist = Dist()
+        self._ddp: nn.Module | None = None
+
+    def distribute(self, dist: Dist) -> None:
+        """Train the denoiser data-parallel and shard the rebuild over ``dist``'s ranks (module
+        docstring); the single process's draws and results, up to float reduction order in the
+        denoiser's gradients."""
+        self.dist = dist
+        if dist.active:
+            # Kept out of the module tree (object.__setattr__): a DDP holding self, registered
+            # in self, would make state_dict() recurse.
+            object.__setattr__(self, "_ddp", ddp(self, dist))
 
     def forward(self, x0: Tensor, t: Tensor, noise: Tensor, r_t_u: Tensor, ent_rows: Tensor,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -95,6 +123,7 @@ class KGDiffusion(nn.Module):
         n_batches = 0
         for _ in range(self.passes):
             n_batches += self._one_pass(user, entity, limit, sums)
+        sums = sum_across(sums, self.dist)  # each rank added its share of every batch's loss
         return {k: v / max(n_batches, 1) for k, v in sums.items()}
 
     def _one_pass(self, user: Tensor, entity: Tensor, limit: int | None,
@@ -119,17 +148,52 @@ class KGDiffusion(nn.Module):
             if limit is not None and n_batches >= limit:
                 break
             rows = perm[start:start + self.batch]
-            x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
-            t, noise = draw_timesteps_noise(x0, self.steps, gen)
-            loss, parts = self(x0, t, noise, r_t_u, ent[rows])
+            if self.dist.active:
+                loss, parts, factor = self._part_loss(rows, gen, r_t_u, ent)
+            else:
+                x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
+                t, noise = draw_timesteps_noise(x0, self.steps, gen)
+                loss, parts = self(x0, t, noise, r_t_u, ent[rows])
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.dist.active:
+                (loss * factor).backward()
+                share = factor / self.dist.world  # summed over ranks: the batch's mean
+            else:
+                loss.backward()
+                share = 1.0
             self.opt.step()
-            sums["diff_loss"] += float(loss.detach())
-            sums["diff"] += float(parts["diff"])
-            sums["ckgc"] += float(parts["ckgc"])
+            sums["diff_loss"] += share * float(loss.detach())
+            sums["diff"] += share * float(parts["diff"])
+            sums["ckgc"] += share * float(parts["ckgc"])
             n_batches += 1
         return n_batches
+
+    def _part_loss(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
+                   ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """This rank's loss on its part of the batch ``rows``, through the DDP wrapper, and its
+        factor. The whole batch's timesteps, noise and dropout mask are drawn here in the single
+        process's order (the stream, then torch's global generator as the loss would), so every
+        rank's generators stay in step with the single process's and its rows get the single
+        process's draws: the draws are repeated on every rank, the GEMMs are divided."""
+        assert self._ddp is not None
+        kg, den = self.kg, self.denoiser
+        part, factor = batch_part(rows.numel(), self.dist)
+        # A stand-in with the batch's shape, dtype and device and no storage.
+        whole = torch.zeros((), device=ent.device).expand(rows.numel(), kg.n_entities)
+        t, noise = draw_timesteps_noise(whole, self.steps, gen)
+        # Copies of the part, so that the whole B × E draws are freed before the forward.
+        noise = noise[part].clone()
+        mask = None
+        if den.dropout > 0:
+            # The mask's draw exactly as the loss makes it (dropout_mask / F.dropout on a CPU).
+            mask = dropout_mask(whole, den.dropout, den.dropout_generator)[part].clone()
+        x0 = kg_rows(kg.rowptr, kg.col, rows[part], kg.n_entities)
+        den.preset_mask = mask
+        try:
+            loss, parts = self._ddp(x0, t[part], noise, r_t_u, ent[rows[part]])
+        finally:
+            den.preset_mask = None
+        return loss, parts, factor
 
     @torch.no_grad()
     def rebuild(self, limit: int | None = None) -> KGCSR:
@@ -139,14 +203,34 @@ class KGDiffusion(nn.Module):
         kg, gen = self.kg, self.generators["rebuild"]
         self.denoiser.eval()
         rows = self.rows if limit is None else self.rows[:limit * self.batch]
-        _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows, self.schedule,
-                             self.rebuild_k, batch_size=self.batch,
-                             sampling_steps=self.sampling_steps, generator=gen,
-                             precision=self.precision)
+        if self.dist.active and self.sampling_steps == 0:
+            idx = self._sharded_topk(rows)
+        else:
+            # With sampling_steps > 0 each batch's start noise comes from the stream in batch
+            # order, so a rank could not draw its batches' alone: every rank denoises all rows.
+            _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows, self.schedule,
+                                 self.rebuild_k, batch_size=self.batch,
+                                 sampling_steps=self.sampling_steps, generator=gen,
+                                 precision=self.precision)
         self.last_picks = (rows, idx)  # for the quality measures (quality.py)
         h, t, rel = rebuild_kg(idx, (kg.row, kg.col, kg.rel), self.keep_rate, gen, rows=rows,
                                n_entities=kg.n_entities)
         return KGCSR.from_triplets(torch.stack((h, rel, t), 1), kg.n_entities, kg.n_relations)
+
+    def _sharded_topk(self, rows: Tensor) -> Tensor:
+        """The rebuild's top-k columns of ``rows``: each rank denoises a block of the
+        ``batch``-row batches (the single process's batches, so the same bits), all gathered
+        in order. No random draw (``sampling_steps = 0``)."""
+        kg = self.kg
+        mine = block(-(-rows.numel() // self.batch), self.dist)
+        lo, hi = mine.start * self.batch, min(mine.stop * self.batch, rows.numel())
+        if hi > lo:
+            _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows[lo:hi], self.schedule,
+                                 self.rebuild_k, batch_size=self.batch, sampling_steps=0,
+                                 precision=self.precision)
+        else:  # fewer batches than ranks
+            idx = torch.empty((0, self.rebuild_k), dtype=torch.long, device=rows.device)
+        return gather_rows(idx, self.dist)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self.opt.state_dict(),

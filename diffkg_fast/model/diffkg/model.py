@@ -185,6 +185,12 @@ class DiffKG(EmbeddingRecommender):
         times = {"diffusion": t1 - t0, "rebuild": t2 - t1, "kg_quality": time.perf_counter() - t2}
         return EpochReport(losses, times, info)
 
+    def distribute(self, dist: Any) -> None:
+        """The denoiser trains data-parallel over the KG rows and the rebuild is sharded by
+        rows (:meth:`KGDiffusion.distribute`); the encoder's DDP is the trainer's."""
+        if self.diffusion is not None:
+            self.diffusion.distribute(dist)
+
     def _quality(self) -> dict[str, float]:
         """The rebuild's precision and the denoiser's masked-edge recovery (quality.py)."""
         assert self.diffusion is not None and self.quality is not None
