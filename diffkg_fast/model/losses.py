@@ -4,20 +4,26 @@
 - L2: ``reg * sum ||theta||^2`` (DiffKG's ``calcRegLoss`` times ``args.reg``);
 - RecBole's embedding norm: ``sum_k ||E_k||_F / B`` over a batch's embeddings (KGAT, KGIN, KGCN);
 - InfoNCE (the contrastive loss of DiffKG, Jiang et al., WSDM 2024; as in SGL, Wu et al.,
-  SIGIR 2021): agreement of each node's two views against every other node of view 2.
+  SIGIR 2021): agreement of each node's two views against every other node of view 2; for
+  large graphs its denominator over sampled nodes (:func:`info_nce_sampled`, an importance-
+  weighted estimate, biased low in log space: the bias is stated there) or over the batch's own
+  nodes (:func:`info_nce_in_batch`, SimGCL's loss, a different objective).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from diffkg_fast.ops.contrastive import logsumexp_mm
 from diffkg_fast.ops.rows import rows
 
-__all__ = ["bpr_loss", "emb_norm_reg", "info_nce", "l2_reg"]
+__all__ = ["bpr_loss", "emb_norm_reg", "info_nce", "info_nce_in_batch", "info_nce_sampled",
+           "l2_reg"]
 
 
 def bpr_loss(u: Tensor, pos: Tensor, neg: Tensor, reduce: bool = True) -> Tensor:
@@ -52,6 +58,54 @@ def info_nce(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor
     z2 = F.normalize(view2, dim=-1)
     pos = (z1 * rows(z2, nodes)).sum(-1)
     return (logsumexp_mm(z1, z2) - pos).mean()
+
+
+def info_nce_sampled(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float,
+                     negatives: Tensor) -> Tensor:
+    """:func:`info_nce` with its denominator estimated from ``negatives`` (k,), row ids of view
+    2 drawn iid uniform from its ``N`` rows and shared by the batch: O(k·d) per node, not O(N·d).
+
+    With ``s_nm = <z1_n, z2_m> / temp``, ``S_n = Σ_m exp(s_nm)`` (the exact denominator)::
+
+        Ŝ_n  = exp(s_nn) + (N / k) Σ_i 1[m_i ≠ n] exp(s_{n m_i})
+        loss = mean_n (log Ŝ_n - s_nn)        (a logsumexp over [s_nn, s_{n m_i} + log(N/k)])
+
+    ``Ŝ_n`` is unbiased for ``S_n``: each draw hits ``m ≠ n`` with probability ``1/N`` and
+    weight ``N/k``, and the positive enters exactly. Its log is not: log is concave, so
+    ``E[log Ŝ_n] <= log S_n`` (Jensen), and by the delta method::
+
+        E[log Ŝ_n] - log S_n = -Var(Ŝ_n) / (2 S_n²) + O(k⁻²)
+        Var(Ŝ_n) = (1/k) [N Σ_{m≠n} exp(2 s_nm) - (Σ_{m≠n} exp(s_nm))²]
+
+    The loss is biased low by about ``Var / 2S²``, which falls as ``1/k`` and grows with the
+    spread of ``exp(s)`` over the nodes (at ``temp = 0.1`` the terms span up to ``e^20``, so a
+    few close nodes dominate it); the gradient, the self-normalised softmax over the sample, is
+    biased by O(1/k) likewise. How it is handled: the positive is never sampled (``Ŝ_n >=
+    exp(s_nn)``, the loss stays ``>= 0`` and the sum is never empty); the bias is not corrected
+    (a first-order ``+ Var̂ / 2Ŝ²`` needs a per-node sample variance as noisy as the bias it
+    removes); ``k`` trades cost for bias, and its effect on accuracy is measured by parity runs
+    (docs/large-kg.md). With ``negatives = arange(N)`` it is :func:`info_nce` exactly.
+    """
+    n, k = view2.shape[0], negatives.numel()
+    if k < 1:
+        raise ValueError("info_nce_sampled needs at least one negative")
+    z1 = F.normalize(rows(view1, nodes), dim=-1) / temp
+    pos = (z1 * F.normalize(rows(view2, nodes), dim=-1)).sum(-1)
+    logits = z1 @ F.normalize(rows(view2, negatives), dim=-1).T + math.log(n / k)
+    # A draw of the node itself is its positive, already counted exactly: dropped.
+    logits = logits.masked_fill(negatives[None, :] == nodes[:, None], float("-inf"))
+    return (torch.logsumexp(torch.cat([pos[:, None], logits], 1), -1) - pos).mean()
+
+
+def info_nce_in_batch(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor:
+    """InfoNCE over the batch's distinct ``nodes``, each against the others' view 2 (SimGCL's
+    loss, Yu et al., SIGIR 2022): O(B·d) per node. A different objective, not an estimate of
+    :func:`info_nce`: the batch's nodes are drawn by interaction, so popular nodes are
+    over-represented among the negatives, and nothing reweights them."""
+    u = torch.unique(nodes)
+    z1 = F.normalize(rows(view1, u), dim=-1) / temp
+    z2 = F.normalize(rows(view2, u), dim=-1)
+    return (torch.logsumexp(z1 @ z2.T, -1) - (z1 * z2).sum(-1)).mean()
 
 
 def emb_norm_reg(*embeddings: Tensor) -> Tensor:

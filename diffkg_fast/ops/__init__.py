@@ -20,6 +20,7 @@ from diffkg_fast.ops.diffusion import (
     sample,
     sample_topk,
 )
+from diffkg_fast.ops.diffusion_sampled import diffusion_loss_sampled
 from diffkg_fast.ops.graph import KGCSR, is_symmetric, kg_with_inverses, norm_adjacency
 from diffkg_fast.ops.propagation import lightgcn_propagate
 from diffkg_fast.ops.rebuild import rebuild_kg
@@ -32,6 +33,7 @@ __all__ = [
     "DiffusionSchedule",
     "csr_spmm",
     "diffusion_loss",
+    "diffusion_loss_sampled",
     "is_symmetric",
     "kg_rows",
     "kg_with_inverses",

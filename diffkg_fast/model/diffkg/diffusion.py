@@ -23,6 +23,13 @@ timesteps, noise, dropout mask: the single process's draws) and each rank comput
 its part, scaled as the trainer scales its batches (``batch_part``); the rebuild's row batches
 are split in blocks over the ranks and their top-k all-gathered, so every rank rebuilds the
 single process's KG.
+
+``diffusion_mode="sampled"`` (the large-KG mode) trains on the same loss with each row's
+off-support columns sampled (:mod:`diffkg_fast.ops.diffusion_sampled`: the estimator, why it is
+unbiased on the output side and moment-matched on the input side): a step costs
+O((deg + diffusion_negatives)·H) per row instead of O(E·H), and no dense row is built. Its
+draws (steps, noise, columns, dropout) all come from the ``diffusion`` stream. The rebuild is
+the exact mode's in both modes.
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ from diffkg_fast.ops.diffusion import (
     kg_rows,
     sample_topk,
 )
+from diffkg_fast.ops.diffusion_sampled import (
+    SampledBatch,
+    diffusion_loss_sampled,
+    draw_sampled,
+    edge_keys,
+)
 from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
 from diffkg_fast.utils.distributed import (
@@ -56,7 +69,9 @@ from diffkg_fast.utils.distributed import (
 )
 from diffkg_fast.utils.seed import rng_stream
 
-__all__ = ["KGDiffusion"]
+__all__ = ["DIFFUSION_MODES", "KGDiffusion"]
+
+DIFFUSION_MODES = ("exact", "sampled")
 
 
 class KGDiffusion(nn.Module):
@@ -67,7 +82,9 @@ class KGDiffusion(nn.Module):
     ``train``: the training interactions (``n_users × n_items``) of the CKGC term. ``init``:
     the generator of the denoiser's initial weights (default: stream ``init`` of ``seed``).
     Option names and defaults are DiffKG's ``Params.py`` (``dims`` the hidden size, one layer;
-    ``denoiser_dropout`` is the input dropout DiffKG hard-codes at 0.5).
+    ``denoiser_dropout`` is the input dropout DiffKG hard-codes at 0.5). ``diffusion_mode``:
+    ``"exact"`` (DiffKG's dense rows) or ``"sampled"`` (module docstring), with
+    ``diffusion_negatives`` sampled columns per step (``1 <= n < n_entities``).
     """
 
     def __init__(self, kg: KGCSR, n_items: int, train: sp.spmatrix, *,
@@ -76,15 +93,20 @@ class KGDiffusion(nn.Module):
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
-                 diffusion_passes: int = 1, seed: int = 421,
+                 diffusion_passes: int = 1, diffusion_mode: str = "exact",
+                 diffusion_negatives: int = 256, seed: int = 421,
                  init: torch.Generator | None = None) -> None:
         super().__init__()
+        check_mode(diffusion_mode, diffusion_negatives, kg.n_entities, diffusion_precision)
         dev = kg.rowptr.device
         self.kg, self.n_items = kg, n_items
         self.steps, self.sampling_steps, self.rebuild_k = steps, sampling_steps, rebuild_k
         self.e_loss, self.keep_rate, self.batch = e_loss, keepRate, batch
         self.passes = diffusion_passes
         self.precision = diffusion_precision
+        self.mode, self.n_negatives = diffusion_mode, diffusion_negatives
+        # The sampled mode's membership tests (is a sampled column an edge of the row?).
+        self.keys = edge_keys(kg.rowptr, kg.col, kg.n_entities) if self.sampled else None
         self.denoiser = Denoiser(kg.n_entities, dims[0], d_emb_size, norm=norm,
                                  dropout=denoiser_dropout,
                                  generator=rng_stream(seed, "init") if init is None else init,
@@ -102,6 +124,9 @@ class KGDiffusion(nn.Module):
         """Train the denoiser data-parallel and shard the rebuild over ``dist``'s ranks (module
         docstring); the single process's draws and results, up to float reduction order in the
         denoiser's gradients."""
+        if dist.active and self.sampled:
+            raise ValueError("diffusion_mode='sampled' does not run data-parallel yet: use "
+                             "diffusion_mode='exact' with torchrun, or one process")
         self.dist = dist
         if dist.active:
             # Kept out of the module tree (object.__setattr__): a DDP holding self, registered
@@ -113,6 +138,16 @@ class KGDiffusion(nn.Module):
         """The diffusion + CKGC loss of one batch of KG rows (``x0``: B × E)."""
         return diffusion_loss(self.denoiser, x0, t, noise, self.schedule, self.n_items, r_t_u,
                               ent_rows, self.e_loss, precision=self.precision)
+
+    @property
+    def sampled(self) -> bool:
+        return self.mode == "sampled"
+
+    def sampled_loss(self, batch: SampledBatch, r_t_u: Tensor, ent_rows: Tensor,
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The sampled mode's diffusion + CKGC loss of one batch (:func:`draw_sampled`)."""
+        return diffusion_loss_sampled(self.denoiser, batch, self.schedule, self.n_items, r_t_u,
+                                      ent_rows, self.e_loss)
 
     def train_pass(self, user: Tensor, entity: Tensor, limit: int | None = None,
                    ) -> dict[str, float]:
@@ -135,7 +170,7 @@ class KGDiffusion(nn.Module):
             r_t_u = torch.sparse.mm(self.rt, user.detach())  # I × d, once per pass
             ent = entity.detach()
         perm = torch.randperm(kg.n_entities, generator=gen).to(ent.device)
-        if ent.device.type != "cpu":
+        if ent.device.type != "cpu" and not self.sampled:
             # Off the CPU the B × E noise is drawn on the device, from a generator seeded by the
             # CPU one once per pass (so a seed and a resume still fix it): on the host one
             # Alibaba-size batch of noise takes 1.5 s to draw here (1024 × 89,196 normals, two
@@ -150,6 +185,10 @@ class KGDiffusion(nn.Module):
             rows = perm[start:start + self.batch]
             if self.dist.active:
                 loss, parts, factor = self._part_loss(rows, gen, r_t_u, ent)
+            elif self.sampled:  # the draws are B × n, small: from the CPU stream itself
+                batch = draw_sampled(kg.rowptr, kg.col, self.keys, rows, kg.n_entities,
+                                     self.steps, self.n_negatives, self.denoiser.dropout, gen)
+                loss, parts = self.sampled_loss(batch, r_t_u, ent[rows])
             else:
                 x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
                 t, noise = draw_timesteps_noise(x0, self.steps, gen)
@@ -243,3 +282,23 @@ class KGDiffusion(nn.Module):
                              f"expected {sorted(self.generators)}")
         for name, g in self.generators.items():
             g.set_state(state["generators"][name])
+
+
+def check_mode(mode: str, negatives: int, n_entities: int, precision: str = "fp32") -> None:
+    """Raise ``ValueError`` naming the option when ``diffusion_mode`` cannot run on a KG of
+    ``n_entities`` (the data-dependent half of :meth:`DiffKG.check_options`)."""
+    if mode not in DIFFUSION_MODES:
+        raise ValueError(f"diffusion_mode must be one of {DIFFUSION_MODES}, got {mode!r}")
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
+        raise ValueError(f"diffusion_negatives must be an integer >= 1, got {negatives!r}")
+    if mode != "sampled":
+        return
+    if negatives >= n_entities:
+        raise ValueError(
+            f"diffusion_mode='sampled' with diffusion_negatives={negatives} >= the KG's "
+            f"{n_entities} entities: sampling would cost more than the exact rows; use "
+            f"diffusion_mode='exact' or diffusion_negatives < {n_entities}")
+    if precision != "fp32":
+        raise ValueError(f"diffusion_mode='sampled' computes in float32 only; got "
+                         f"diffusion_precision={precision!r} (use 'fp32' or "
+                         f"diffusion_mode='exact')")

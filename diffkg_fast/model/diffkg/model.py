@@ -23,7 +23,12 @@ epoch; DiffKG makes one, which at the medication scale is 4 Adam steps), and Saf
 controllable DDI loss: ``ddi_loss`` (off by default: DiffKG as published), ``target_ddi``
 (0.06), ``kp`` (0.05), ``ddi_scale`` (0.0005), with their math, sources and the probabilities of
 a BPR ranking in :mod:`diffkg_fast.model.ddi_loss`; each BPR term (the patient's, and the code
-representation's) is controlled by the DDI rate of its own top-``k`` sets. Every epoch logs the
+representation's) is controlled by the DDI rate of its own top-``k`` sets. The large-KG options
+(``docs/large-kg.md``): ``diffusion_mode`` (``"exact"``, DiffKG's; ``"sampled"``: the denoiser's
+loss from each row's edges and ``diffusion_negatives`` sampled columns,
+:mod:`diffkg_fast.ops.diffusion_sampled`) and ``cl_mode`` (``"all"``, DiffKG's; ``"sampled"``:
+InfoNCE denominators from ``cl_negatives`` sampled nodes, :func:`info_nce_sampled`;
+``"in_batch"``: over the batch's nodes, :func:`info_nce_in_batch`). Every epoch logs the
 denoised KG's quality (:mod:`~diffkg_fast.model.diffkg.quality`). ``lr`` and ``batch`` serve
 both the recommender's and the denoiser's Adam, as in ``Params.py``.
 """
@@ -47,10 +52,16 @@ from diffkg_fast.model.base import (
     check_options,
 )
 from diffkg_fast.model.ddi_loss import DDILoss, controlled, ddi_pairs_of, set_size_of
-from diffkg_fast.model.diffkg.diffusion import KGDiffusion
+from diffkg_fast.model.diffkg.diffusion import DIFFUSION_MODES, KGDiffusion, check_mode
 from diffkg_fast.model.diffkg.encoder import KGEncoder
 from diffkg_fast.model.diffkg.quality import KGQuality
-from diffkg_fast.model.losses import bpr_loss, info_nce, l2_reg
+from diffkg_fast.model.losses import (
+    bpr_loss,
+    info_nce,
+    info_nce_in_batch,
+    info_nce_sampled,
+    l2_reg,
+)
 from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.rows import rows
@@ -59,6 +70,7 @@ from diffkg_fast.utils.seed import rng_stream
 __all__ = ["DiffKG"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+CL_MODES = ("all", "sampled", "in_batch")
 
 
 class DiffKG(EmbeddingRecommender):
@@ -92,6 +104,8 @@ class DiffKG(EmbeddingRecommender):
                  noise_max: float = 0.02, sampling_steps: int = 0, rebuild_k: int = 1,
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", diffusion_passes: int = 1,
+                 diffusion_mode: str = "exact", diffusion_negatives: int = 256,
+                 cl_mode: str = "all", cl_negatives: int = 1024,
                  ddi_loss: bool = False, target_ddi: float = 0.06, kp: float = 0.05,
                  ddi_scale: float = 5e-4,
                  lr: float = 1e-3, batch: int = 1024, seed: int = 421,
@@ -101,6 +115,12 @@ class DiffKG(EmbeddingRecommender):
         dev = torch.device(device)
         self.n_users, self.n_items, self.n_entities = n_users, n_items, n_entities
         self.reg, self.ssl_reg, self.temp, self.cl_pattern = reg, ssl_reg, temp, cl_pattern
+        self.check_data_options(n_users, n_items, n_entities, use_diffusion, diffusion_mode,
+                                diffusion_negatives, cl_mode, cl_negatives)
+        self.cl_mode, self.cl_negatives = cl_mode, cl_negatives
+        # Its own stream, made only when used: the other streams, and the state of a run
+        # without it, stay what they were.
+        self.cl_generator = rng_stream(seed, "cl_negatives") if cl_mode == "sampled" else None
         # Built in this order, each from its own stream: the attention edge set is sampled once
         # at build, as DiffKG does.
         adj = norm_adjacency(train, n_users, n_items).to(dev)
@@ -120,7 +140,8 @@ class DiffKG(EmbeddingRecommender):
             steps=steps, noise_scale=noise_scale, noise_min=noise_min, noise_max=noise_max,
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
-            batch=batch, diffusion_passes=diffusion_passes, seed=seed, init=init)
+            batch=batch, diffusion_passes=diffusion_passes, diffusion_mode=diffusion_mode,
+            diffusion_negatives=diffusion_negatives, seed=seed, init=init)
         self.quality = None if not use_diffusion else KGQuality(self.kg_full, seed)
         if ddi_loss and ddi_pairs is None:
             raise ValueError("ddi_loss=True needs ddi_pairs (the KG's 'ddi' relation)")
@@ -144,11 +165,21 @@ class DiffKG(EmbeddingRecommender):
     def check_options(cls, options: Mapping[str, Any]) -> None:
         check_options(
             options, positive=("latdim", "steps", "rebuild_k", "temp", "noise_scale", "lr",
-                               "batch", "d_emb_size", "diffusion_passes", "kp"),
+                               "batch", "d_emb_size", "diffusion_passes", "kp",
+                               "diffusion_negatives", "cl_negatives"),
             non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
                           "noise_min", "noise_max", "seed", "ddi_scale"),
             unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout", "target_ddi"),
-            choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS})
+            choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS,
+                     "diffusion_mode": DIFFUSION_MODES, "cl_mode": CL_MODES})
+        for name in ("diffusion_negatives", "cl_negatives"):
+            v = options.get(name, 1)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if options.get("diffusion_mode") == "sampled" and \
+                options.get("diffusion_precision", "fp32") != "fp32":
+            raise ValueError(f"diffusion_mode='sampled' computes in float32 only; got "
+                             f"diffusion_precision={options['diffusion_precision']!r}")
         dims = options.get("dims", (1000,))
         if len(dims) != 1 or int(dims[0]) < 1:
             # The denoiser (ops.diffusion.Denoiser) has one hidden layer, as DiffKG's default.
@@ -159,6 +190,22 @@ class DiffKG(EmbeddingRecommender):
         if options.get("triplet_num", 10) < -1:
             raise ValueError(f"triplet_num must be -1 (all) or >= 0, got "
                              f"{options['triplet_num']}")
+
+    @staticmethod
+    def check_data_options(n_users: int, n_items: int, n_entities: int, use_diffusion: bool,
+                           diffusion_mode: str, diffusion_negatives: int, cl_mode: str,
+                           cl_negatives: int) -> None:
+        """The large-KG options against the data's sizes: ``ValueError`` naming the option."""
+        if diffusion_mode == "sampled":
+            if not use_diffusion:
+                raise ValueError("diffusion_mode='sampled' needs use_diffusion=True (there is "
+                                 "no denoiser to train); drop diffusion_mode")
+            check_mode(diffusion_mode, diffusion_negatives, n_entities)
+        if cl_mode == "sampled" and cl_negatives >= max(n_users, n_items):
+            raise ValueError(
+                f"cl_mode='sampled' with cl_negatives={cl_negatives} >= both the {n_users} users "
+                f"and the {n_items} items: nothing would be sampled; use cl_mode='all' or "
+                f"cl_negatives < {max(n_users, n_items)}")
 
     # ------------------------------------------------------------------ graphs
     def views(self) -> tuple[KGCSR, KGCSR]:
@@ -228,11 +275,22 @@ class DiffKG(EmbeddingRecommender):
         parts.update(reg=reg.detach(), cl=torch.zeros((), device=bpr.device))
         if self.ssl_reg > 0:
             v2 = self.encoder(kg2, self.dropout_generator)
-            cl = (info_nce(v1.users, v2.users, users, self.temp)
-                  + info_nce(v1.items, v2.items, pos, self.temp))
+            cl = (self._info_nce(v1.users, v2.users, users)
+                  + self._info_nce(v1.items, v2.items, pos))
             total = total + self.ssl_reg * cl
             parts["cl"] = cl.detach()
         return total, parts
+
+    def _info_nce(self, view1: Tensor, view2: Tensor, nodes: Tensor) -> Tensor:
+        """InfoNCE of ``nodes`` by ``cl_mode``. ``"sampled"`` on a side of at most
+        ``cl_negatives`` nodes takes the exact denominator: a sample that large costs more."""
+        n = view2.shape[0]
+        if self.cl_mode == "in_batch":
+            return info_nce_in_batch(view1, view2, nodes, self.temp)
+        if self.cl_mode == "all" or n <= self.cl_negatives:
+            return info_nce(view1, view2, nodes, self.temp)
+        neg = torch.randint(n, (self.cl_negatives,), generator=self.cl_generator)
+        return info_nce_sampled(view1, view2, nodes, self.temp, neg.to(view2.device))
 
     # ------------------------------------------------------------------ scoring
     def _scoring_key(self) -> object:
@@ -275,10 +333,13 @@ class DiffKG(EmbeddingRecommender):
                                f"unexpected {unexpected}")
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"kg_sampled": torch.from_numpy(self.kg_sampled.to_triplets()),
-                "kg_denoised": (None if self.kg_denoised is None
-                                else torch.from_numpy(self.kg_denoised.to_triplets())),
-                "dropout": self.dropout_generator.get_state()}
+        state = {"kg_sampled": torch.from_numpy(self.kg_sampled.to_triplets()),
+                 "kg_denoised": (None if self.kg_denoised is None
+                                 else torch.from_numpy(self.kg_denoised.to_triplets())),
+                 "dropout": self.dropout_generator.get_state()}
+        if self.cl_generator is not None:  # only then: a default run's state is unchanged
+            state["cl_negatives"] = self.cl_generator.get_state()
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         # Rows are stored in CSR order and from_triplets sorts stably: edge-for-edge the same.
@@ -289,3 +350,5 @@ class DiffKG(EmbeddingRecommender):
         self.kg_sampled = graph(state["kg_sampled"])
         self.kg_denoised = None if state["kg_denoised"] is None else graph(state["kg_denoised"])
         self.dropout_generator.set_state(state["dropout"])
+        if self.cl_generator is not None and "cl_negatives" in state:
+            self.cl_generator.set_state(state["cl_negatives"])
