@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -17,13 +18,23 @@ from pathlib import Path
 
 from diffkg_fast.data.build import SOURCES, build_dataset, parse_sets
 from diffkg_fast.data.dataset import LOAD_FLOOR, LOAD_RATIO, KGDataset
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, cut
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 from diffkg_fast.train.presets import PRESETS
 from diffkg_fast.utils.io import describe_os_error
 
 _PRESET_NAMES = ", ".join(sorted(PRESETS))
+def _positive(text: str) -> int:
+    """``--max-bytes``, ``--threads``: a positive integer (argparse reports anything else as
+    one line naming the option)."""
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
+_positive.__name__ = "positive integer"  # argparse's "invalid positive integer value"
 MAX_BYTES_HELP = (f"the most bytes FILE's arrays may take decompressed (default: "
                   f"{LOAD_RATIO} x the file's size, at least {LOAD_FLOOR >> 20} MiB)")
 
@@ -111,7 +122,7 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="print a dataset's statistics")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--max-bytes", type=int, metavar="N", help=MAX_BYTES_HELP)
+    s.add_argument("--max-bytes", type=_positive, metavar="N", help=MAX_BYTES_HELP)
     s.set_defaults(func=_cmd_stats)
 
     e = sub.add_parser("export", help="export a dataset for other recommender tools")
@@ -119,7 +130,7 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=sorted(EXPORTERS))
     e.add_argument("--out", help="output directory (default: FILE's stem + _FORMAT); all "
                                  "files are written, or none")
-    e.add_argument("--max-bytes", type=int, metavar="N", help=MAX_BYTES_HELP)
+    e.add_argument("--max-bytes", type=_positive, metavar="N", help=MAX_BYTES_HELP)
     e.set_defaults(func=_cmd_export)
 
     t = top.add_parser("train", help="train a registered model on a dataset",
@@ -178,7 +189,7 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--preset", metavar="NAME", help="as train's --preset")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config value for every row whose model takes the key")
-    c.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    c.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
     c.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     c.set_defaults(func=_cmd_compare)
 
@@ -208,22 +219,41 @@ def make_parser(model_flags: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object) -> int:
+    """``error: MESSAGE`` on one line (a message quoting torch's may span several), status 2."""
+    print("error: " + re.sub(r"\s*[\n\r\t]\s*", " ", str(message)), file=sys.stderr)
+    return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine refused: Python's MemoryError, torch's CPU allocator
+    (a RuntimeError) or its CUDA one (torch.OutOfMemoryError)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser(model_flags=argv[:1] == ["train"]).parse_args(argv)
     try:
         return int(args.func(args))
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     except BrokenPipeError:
         # The reader (`| head`) left: no traceback. stdout is pointed at devnull so that the
         # interpreter's final flush cannot raise again (Python docs, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # a full disk, a missing permission: one line, not a traceback
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        return 2
+        return _error(describe_os_error(exc))
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        # The sizes a config asks for (latdim 10^9, KGCN's n_iter 20) are not bounded up front.
+        return _error(f"out of memory: {cut(str(exc).splitlines()[0] if str(exc) else '')}; "
+                      "the run asks for more memory than this machine has: lower the sizes in "
+                      "its config (latdim, dims, batch, test_batch, the model's layer and "
+                      "neighbourhood sizes) or use a smaller dataset")
 
 
 if __name__ == "__main__":

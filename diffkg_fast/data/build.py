@@ -48,32 +48,53 @@ def _options_of(fn: Callable[..., Any], skip: int) -> dict[str, inspect.Paramete
             and p.name not in _NOT_OPTIONS}
 
 
-def check_type(key: str, value: Any, default: Any, path: str | None = None) -> Any:
+def check_type(key: str, value: Any, default: Any, path: str | None = None,
+               optional: bool = False) -> Any:
     """Type-check an option ``value`` against its ``default`` (bool, int, float or str).
 
     Shared by ``data build --set`` and ``train --set`` / config files, so both say the same.
-    A float option takes an int (converted); ``None`` on either side is not checked.
+    A float option takes an int (converted). ``none`` is a value only of an ``optional`` option
+    (or one without a typed default): elsewhere it would reach code expecting a number.
     """
-    if default is inspect.Parameter.empty or default is None or value is None:
-        return value
-
     def bad(what: str) -> DataError:
         return DataError(f"expected {what}, got {excerpt(value)}", path=path, field=key)
 
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("true or false")
+        what, ok = "true or false", isinstance(value, bool)
     elif isinstance(default, int):
-        if not is_int:
-            raise bad("an integer")
+        what, ok = "an integer", is_int
     elif isinstance(default, float):
-        if not (is_int or isinstance(value, float)):
-            raise bad("a number")
-        value = float(value)
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise bad("a string")
+        what, ok = "a number", is_int or isinstance(value, float)
+    elif isinstance(default, str):
+        what, ok = "a string", isinstance(value, str)
+    else:  # no typed default (inspect.Parameter.empty): nothing to check against
+        return value
+    if value is None:
+        if optional:
+            return None
+        raise bad(what)
+    if not ok:
+        raise bad(f"{what} or none" if optional else what)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 400 digits
+            raise bad(what) from None
     return value
+
+
+# The type an option whose default is None takes, from its annotation ("str | None").
+_ANNOTATED: dict[str, Any] = {"str": "", "int": 0, "float": 0.0, "bool": False}
+
+
+def _check_option(key: str, value: Any, p: inspect.Parameter) -> Any:
+    """:func:`check_type` against a loader's or builder's parameter: its default (a default of
+    None by its annotation: ``name: str | None = None`` takes strings), none where it may be."""
+    kinds = str(p.annotation).replace(" ", "").split("|")
+    if p.default is None:
+        return check_type(key, value, _ANNOTATED.get(kinds[0]), optional=True)
+    return check_type(key, value, p.default, optional="None" in kinds)
 
 
 def parse_value(text: str) -> Any:
@@ -97,7 +118,7 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise DataError(f"expected key=value, got {pair!r}", field="--set")
+            raise DataError(f"expected key=value, got {excerpt(pair)}", field="--set")
         out[key.strip()] = parse_value(value)
     return out
 
@@ -116,12 +137,12 @@ def build_dataset(
         if key not in loader_opts and key not in build_opts and not open_ended:
             raise DataError(f"unknown option for source {source!r}; valid options: {valid}",
                             field=key)
-    load_kw = {k: check_type(k, v, loader_opts[k].default)
+    load_kw = {k: _check_option(k, v, loader_opts[k])
                for k, v in options.items() if k in loader_opts}
     if open_ended:
         load_kw.update({k: v for k, v in options.items()
                         if k not in loader_opts and k not in build_opts})
-    build_kw = {k: check_type(k, v, build_opts[k].default)
+    build_kw = {k: _check_option(k, v, build_opts[k])
                 for k, v in options.items() if k in build_opts}
     source_stats: dict[str, Any] = {}
     if "stats" in inspect.signature(load).parameters:

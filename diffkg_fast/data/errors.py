@@ -24,8 +24,8 @@ class DataError(ValueError):
             where.append(str(path))
         if line is not None:
             where.append(f"line {line}")
-        if field is not None:
-            where.append(f"field {field!r}")
+        if field is not None:  # a key read from a file may be a megabyte long
+            where.append(f"field {excerpt(field, 100)}")
         self.message = message  # without the place, for re-raising with a fuller one
         self.path = None if path is None else str(path)
         self.line = line

@@ -47,6 +47,9 @@ def open_dataset(spec: str) -> KGDataset:
     :class:`DataError` saying what was looked for."""
     if spec == SYNTHETIC:
         return build_dataset(SYNTHETIC)
+    if not spec:  # `--data "$DATA"` with DATA unset must not mean the current folder
+        raise DataError("empty: expected 'synthetic', a .npz file, a DiffKG or KGAT folder, or "
+                        "a name under Datasets/", field="--data")
     path = Path(resolve_spec(spec))
     if path.is_dir():
         source = _folder_source(path)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from diffkg_fast.data.dataset import SPLITS, KGDataset
+from diffkg_fast.data.errors import cut, excerpt
 
 
 def dataset_stats(ds: KGDataset) -> dict[str, Any]:
@@ -58,17 +59,25 @@ def dataset_stats(ds: KGDataset) -> dict[str, Any]:
 
 
 def describe_validation(info: object) -> str | None:
-    """Where the validation split came from (``meta['validation']`` of the KG loaders)."""
+    """Where the validation split came from (``meta['validation']`` of the KG loaders). The
+    meta comes from a file's header, which may hold anything: a value that is not what the
+    loaders write is shown as ``?`` or as an excerpt, never formatted as what it is not."""
     if not isinstance(info, dict):
         return None
+
+    def num(key: str, spec: str) -> str:
+        value = info.get(key, 0)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return format(value, spec) if ok else "?"
+
     source = info.get("from")
     if source == "train":
-        return (f"carved from train: {info.get('fraction', 0):.0%} of each user's training "
-                f"interactions (seed {info.get('seed')}), {info.get('interactions', 0):,} "
-                f"interactions of {info.get('users', 0):,} users; the source has none")
+        return (f"carved from train: {num('fraction', '.0%')} of each user's training "
+                f"interactions (seed {excerpt(info.get('seed'))}), {num('interactions', ',')} "
+                f"interactions of {num('users', ',')} users; the source has none")
     if source == "none":
         return "none (the source has none and valid_fraction=0)"
-    return f"given by {source}" if isinstance(source, str) else None
+    return f"given by {cut(source, 100)}" if isinstance(source, str) else None
 
 
 def _fmt(value: Any) -> str:

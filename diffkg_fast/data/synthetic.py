@@ -42,14 +42,16 @@ DDI rate 0.0830. 0.5-0.6 s warm on a 2-core machine (``bench/bench_synthetic.py`
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from diffkg_fast.data.build import check_type
 from diffkg_fast.data.dataset import unique_int
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.data.records import KINDS, MedicalRecords
 from diffkg_fast.data.synthetic_codes import CLUSTER_WEIGHTS, N_CLUSTERS, vocabularies
 from diffkg_fast.data.synthetic_sampling import (
@@ -122,11 +124,33 @@ class SyntheticKnobs:
 
     @classmethod
     def make(cls, **knobs: Any) -> SyntheticKnobs:
-        known = {f.name for f in fields(cls)}
-        for k in knobs:
-            if k not in known:
-                raise DataError(f"unknown knob; valid knobs: {sorted(known)}", field=k)
-        return cls(**knobs)
+        """Knobs by name, each checked: the default's type, finite and >= 0 (> 0 for a shape),
+        chances in [0, 1]: numpy would raise deep inside, or a chance of 2 pass unnoticed."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        out = {}
+        for k, v in knobs.items():
+            if k not in defaults:
+                raise DataError(f"unknown knob; valid knobs: {sorted(defaults)}", field=k)
+            pair = isinstance(defaults[k], tuple)  # chronicity: "[0.4, 0.9]" on the command line
+            try:
+                xs = [float(check_type(k, x, 0.0)) for x in (
+                    (json.loads(v) if isinstance(v, str) else v) if pair else [v])]
+            except (ValueError, TypeError):  # DataError is a ValueError
+                xs = []
+            top = 1.0 if k in _CHANCES else math.inf
+            if len(xs) != 1 + pair or not all(math.isfinite(x) and 0 <= x <= top for x in xs) \
+                    or (k in _SHAPES and xs[0] <= 0) or (pair and xs[0] > xs[1]):
+                what = "in [0, 1]" if top == 1 else f"finite and {'>' if k in _SHAPES else '>='} 0"
+                raise DataError(f"must be {'[low, high] ' * pair}{what}, got {excerpt(v)}", field=k)
+            out[k] = tuple(xs) if pair else check_type(k, v, defaults[k])
+        return cls(**out)
+
+
+# Chances and shares (in [0, 1]), shapes (> 0); every other knob is a count or scale >= 0.
+_CHANCES = frozenset({"in_cluster", "acute_rate", "chronicity", "generic_top", "ddi_affinity",
+                      "routine_source", "cond_med_top", "link_diag", "link_proc", "ddi_share",
+                      "ddi_rate"})
+_SHAPES = frozenset({"routine_persistence", "affinity_shape"})
 
 
 # ----------------------------------------------------------------------------- interactions

@@ -19,6 +19,7 @@ size of the latest session.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,11 @@ def _fresh(folder: RunFolder | None, args: argparse.Namespace,
     if folder is not None and folder.holds_run():  # never overwrite a run by accident
         raise DataError("already holds a run; pass --resume to continue it or choose another "
                         "--out", path=folder.path)
-    spec = args.data or SYNTHETIC
+    spec = SYNTHETIC if args.data is None else args.data
+    # Every key, type and range is checked before the data loads (minutes, for a large
+    # folder): without --preset, with the defaults; the data's default preset only sets values
+    # valid with any others (patience 3), so the check's verdict is the final one's.
+    resolve_config(args.config, sets, args.device, args.preset)
     ds = open_dataset(spec)
     name = args.preset or default_preset(ds)
     config = resolve_config(args.config, sets, args.device, name)
@@ -161,10 +166,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise DataError("--tensorboard needs --out DIR (logs go to DIR/tb)",
                         field="--tensorboard")
     main = launch.env_rank()[0] == 0
-    if folder is None or not main:
+    if folder is None or not main:  # ranks other than 0 never write the run folder
         return _train_and_report(folder, args, sets, main)
-    with folder.lock():  # held from data.json to the last checkpoint
-        return _train_and_report(folder, args, sets, main)
+    if args.resume and not folder.file(CHECKPOINT).is_file():  # before the lock creates DIR
+        raise DataError("no checkpoint file: nothing to resume", path=folder.file(CHECKPOINT))
+    created = not folder.path.exists()
+    try:
+        with folder.lock():  # held from data.json to the last checkpoint
+            try:
+                return _train_and_report(folder, args, sets, main)
+            except BaseException:
+                # Failed before its first checkpoint (a bad config, a full disk, Ctrl-C): no
+                # run, so none of its files either.
+                if not args.resume and not folder.holds_run():
+                    folder.discard()
+                raise
+    finally:
+        if created:  # a folder this command made and left empty
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()
 
 
 def _quiet(*_: Any, **__: Any) -> None:

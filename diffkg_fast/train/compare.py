@@ -16,6 +16,8 @@ not trained there: its row says so instead of printing a number.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import statistics
 import time
@@ -25,15 +27,16 @@ from typing import Any
 import torch
 
 from diffkg_fast.data.build import parse_sets
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, cut, excerpt
 from diffkg_fast.data.open import SYNTHETIC, open_dataset
 from diffkg_fast.model.registry import MODELS
-from diffkg_fast.train.config import config_defaults, resolve_config
+from diffkg_fast.train.config import RunConfig, config_defaults, resolve_config
+from diffkg_fast.train.run_folder import RunFolder, dataset_fingerprint
 from diffkg_fast.train.selection import SelectionError
 from diffkg_fast.train.trainer import train
-from diffkg_fast.utils.io import atomic_write
+from diffkg_fast.utils.io import atomic_write, read_bounded, writing
 
-__all__ = ["DIFFKG_ROWS", "cmd_compare", "compare", "format_tables", "rows"]
+__all__ = ["DIFFKG_ROWS", "cmd_compare", "compare", "configs", "format_tables", "rows"]
 
 # DiffKG as published (ID embeddings only) and with patient codes, each with its ablation.
 DIFFKG_ROWS: dict[str, dict[str, Any]] = {
@@ -67,12 +70,31 @@ def _inputs(cls_name: str, run: dict[str, Any]) -> str:
     return {"MostPop": "none"}.get(cls_name, "history" if run.get("reads_meds") else "id")
 
 
-def _run_one(ds, label: str, values: dict[str, Any], seed: int, preset: str | None,
-             log) -> dict[str, Any]:
-    model = values.get("model", "diffkg")
-    keys = config_defaults(model)
-    sets = {k: v for k, v in values.items() if k in keys}
-    cfg = resolve_config(None, {**sets, "seed": seed}, None, preset=preset)
+def configs(labels: list[str], seeds: list[int], preset: str | None,
+            sets: dict[str, Any]) -> dict[tuple[str, int], RunConfig]:
+    """Every run's config, checked (a :class:`DataError` naming the key): each row takes the
+    ``sets`` keys its model has; a key no model takes (a typo) is an error, as ``seed`` is
+    (``--seeds``)."""
+    table = rows()
+    models = [table[label].get("model", "diffkg") for label in labels]
+    taken = set().union(*(config_defaults(m) for m in MODELS))
+    for key in sets:
+        if key == "seed":
+            raise DataError("give the seeds with --seeds", field=key)
+        if key not in taken:  # the keys of all models are too many to list
+            close = difflib.get_close_matches(key, sorted(taken), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise DataError(f"no model takes this key{hint}", field=key)
+    out = {}
+    for seed in seeds:
+        for label, model in zip(labels, models, strict=True):
+            keys = config_defaults(model)
+            values = {k: v for k, v in {**sets, **table[label]}.items() if k in keys}
+            out[(label, seed)] = resolve_config(None, {**values, "seed": seed}, None, preset)
+    return out
+
+
+def _run_one(ds, label: str, cfg: RunConfig, seed: int, log) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         res = train(ds, cfg, log=lambda _: None)
@@ -80,7 +102,7 @@ def _run_one(ds, label: str, values: dict[str, Any], seed: int, preset: str | No
         if "cannot score a patient" not in str(exc):
             raise
         log(f"seed {seed} {label}: {REFUSED}")
-        return {"row": label, "seed": seed, "refused": str(exc)}
+        return {"row": label, "seed": seed, "refused": str(exc), "config": cfg.to_dict()}
     secs = time.perf_counter() - t0
     log(f"seed {seed} {label}: val R@20 {res.val['recall@20']:.4f} test R@20 "
         f"{res.test['recall@20']:.4f} (best epoch {res.best_epoch} of {len(res.history)}, "
@@ -92,20 +114,70 @@ def _run_one(ds, label: str, values: dict[str, Any], seed: int, preset: str | No
             "config": cfg.to_dict(), "reads_meds": "meds" in res.model.patient_inputs}
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    """The runs of ``path`` (none when it does not exist), each of the form :func:`compare`
+    writes; anything else is a :class:`DataError` naming the file."""
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(read_bounded(path, 64 << 20, "compare.json"))
+    except (ValueError, RecursionError) as exc:  # DataError (too large) is a ValueError
+        raise DataError(f"not a readable compare.json: {cut(str(exc))}", path=path) from exc
+
+    def metrics(d: Any) -> bool:
+        return isinstance(d, dict) and all(isinstance(k, str) and _is_num(v)
+                                           for k, v in d.items())
+
+    def finished(r: dict[str, Any]) -> bool:
+        return (all(metrics(r.get(k)) for k in ("val", "test"))
+                and all(_is_num(r.get(k)) for k in ("best_epoch", "epochs", "seconds",
+                                                    "epoch_seconds")))
+
+    for i, r in enumerate(runs if isinstance(runs, list) else [None]):
+        ok = (isinstance(r, dict) and isinstance(r.get("row"), str)
+              and isinstance(r.get("seed"), int) and isinstance(r.get("config"), dict)
+              and (isinstance(r.get("refused"), str) or finished(r)))
+        if not ok:
+            raise DataError(f"run {i} is {excerpt(r)}: not a run of diffkg-fast compare",
+                            path=path)
+    return runs
+
+
+def _same_run(old: dict[str, Any], cfg: RunConfig, fingerprint: str, path: Path) -> None:
+    """Refuse to reuse a finished run of another dataset or config: it would be reported as
+    this comparison's."""
+    where = f"its run of {old['row']!r} at seed {old['seed']}"
+    if old.get("data") != fingerprint:
+        raise DataError(f"{where} is of another dataset; give another --out or delete the "
+                        "file", path=path)
+    diff = [f"{k}: {excerpt(old['config'].get(k))} vs now {excerpt(v)}"
+            for k, v in cfg.to_dict().items() if old["config"].get(k) != v]
+    if diff:
+        raise DataError(f"{where} has another config ({'; '.join(diff[:3])}); give another "
+                        "--out or delete the file", path=path)
+
+
 def compare(ds, labels: list[str], seeds: list[int], out_dir: Path, *, preset: str | None,
             sets: dict[str, Any], log=print) -> list[dict[str, Any]]:
-    """Train every (row, seed) not yet in ``out_dir/compare.json``; returns all runs."""
-    table = rows()
+    """Train every (row, seed) not yet in ``out_dir/compare.json``; returns all runs. A run
+    already there is reused only if it was trained on this dataset with this config."""
+    cfgs = configs(labels, seeds, preset, sets)
+    fingerprint = dataset_fingerprint(ds)
     path = out_dir / "compare.json"
-    runs: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
-    done = {(r["row"], r["seed"]) for r in runs}
+    runs = _read_runs(path)
+    done = {(r["row"], r["seed"]): r for r in runs}
     for seed in seeds:
         for label in labels:
+            cfg = cfgs[(label, seed)]
             if (label, seed) in done:
+                _same_run(done[(label, seed)], cfg, fingerprint, path)
                 continue
-            values = {**sets, **table[label]}
-            runs.append(_run_one(ds, label, values, seed, preset, log))
-            with atomic_write(path, "w") as f:
+            runs.append({**_run_one(ds, label, cfg, seed, log), "data": fingerprint})
+            with writing(path), atomic_write(path, "w") as f:
                 json.dump(runs, f, indent=1)
     return runs
 
@@ -173,27 +245,43 @@ def plot(runs: list[dict[str, Any]], labels: list[str], seeds: list[int], path: 
     ax.legend(fontsize="small", ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     fig.subplots_adjust(bottom=0.3, left=0.07, right=0.99, top=0.97)
-    with atomic_write(path, "wb") as f:
+    with writing(path), atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     return True
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``diffkg-fast compare``: run (or resume) the comparison, write and print the tables."""
+    """``diffkg-fast compare``: run (or resume) the comparison, write and print the tables.
+    Every row's config is checked before the data loads; ``--out`` is locked while it runs."""
     table = rows()
     labels = args.rows or list(table)
     unknown = [lb for lb in labels if lb not in table]
     if unknown:
         raise DataError(f"unknown rows {unknown}; rows: {list(table)}", field="--rows")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    ds = open_dataset(args.data or SYNTHETIC)
-    preset = args.preset or ("medication" if ds.visits is not None else "diffkg")
+    sets = parse_sets(args.set)
+    configs(labels, args.seeds, args.preset, sets)  # the data's preset comes later (train's)
+    spec = SYNTHETIC if args.data is None else args.data
     out = Path(args.out)
-    runs = compare(ds, labels, args.seeds, out, preset=preset, sets=parse_sets(args.set))
-    text = (f"{args.data or SYNTHETIC}: {ds.n_users} patients, {ds.n_items} medications; "
+    created = not out.exists()
+    try:
+        with RunFolder(out).lock():
+            return _compare_in(args, spec, labels, sets, out)
+    finally:
+        if created:  # a folder this command made and left empty
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _compare_in(args: argparse.Namespace, spec: str, labels: list[str], sets: dict[str, Any],
+                out: Path) -> int:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    ds = open_dataset(spec)
+    preset = args.preset or ("medication" if ds.visits is not None else "diffkg")
+    runs = compare(ds, labels, args.seeds, out, preset=preset, sets=sets)
+    text = (f"{spec}: {ds.n_users} patients, {ds.n_items} medications; "
             f"preset {preset}; {torch.get_num_threads()} thread(s)\n\n"
             + format_tables(runs, labels, args.seeds))
-    with atomic_write(out / "compare.md", "w") as f:
+    with writing(out / "compare.md"), atomic_write(out / "compare.md", "w") as f:
         f.write(text + "\n")
     print("\n" + text)
     if not plot(runs, labels, args.seeds, out / "compare.png"):

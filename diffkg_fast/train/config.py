@@ -115,11 +115,16 @@ class RunConfig(Mapping[str, Any]):
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         model = values.get("model", TrainConfig.model)
+        if not isinstance(model, str):
+            raise DataError(f"expected a model name, got {excerpt(model)}", field="model")
         expected = config_defaults(model)
-        unknown = sorted(set(values) - set(expected))
+        unknown = sorted(set(values) - set(expected), key=str)
         if unknown:
-            raise ValueError(f"unknown config keys for model {model!r}: {unknown}")
-        self._values = {**expected, **values}
+            raise ValueError(f"unknown config keys for model {model!r}: {excerpt(unknown)}")
+        # Type-checked here as well: a config read back from a checkpoint never passed through
+        # explicit_values, and a value of the wrong type must not reach the range checks.
+        self._values = {k: _coerce(k, v, expected[k], None)
+                        for k, v in {**expected, **values}.items()}
         self.train = TrainConfig(**{k: self._values[k] for k in TRAIN_KEYS})
         self.train.validate()
         self.model_cls: type[Recommender] = get_model(model)

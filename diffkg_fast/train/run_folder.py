@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from diffkg_fast.data.dataset import KGDataset
-from diffkg_fast.data.errors import DataError
+from diffkg_fast.data.errors import DataError, excerpt
 from diffkg_fast.data.open import open_dataset
 from diffkg_fast.eval.set_choice import SetChoice
 from diffkg_fast.model.base import Recommender
 from diffkg_fast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffkg_fast.train.config import RunConfig
-from diffkg_fast.utils.io import atomic_write
+from diffkg_fast.utils.io import atomic_write, read_bounded, writing
 
 __all__ = ["CHECKPOINT", "CONFIG", "DATA_FILE", "LOG", "SETS", "LoadedRun", "RunFolder",
            "check_resume", "dataset_fingerprint", "load_run"]
@@ -87,21 +87,6 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], epochs_ru
                               f"trained {epochs_run} epochs", path=path)
 
 
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """An OS error while writing ``path`` (a read-only folder, a full disk, a file where the
-    folder should be) as one :class:`DataError` naming it; torch's stream writer reports a full
-    disk as a ``RuntimeError``. The file's previous version is intact (atomic writes)."""
-    try:
-        yield
-    except OSError as exc:
-        raise DataError(f"cannot write: {exc.strerror or exc}", path=path) from exc
-    except RuntimeError as exc:
-        if "write" not in str(exc).lower():
-            raise
-        raise DataError(f"cannot write: {str(exc)[:200]}", path=path) from exc
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -131,7 +116,7 @@ class RunFolder:
         """Hold ``DIR/.lock`` while training; a live holder is refused by name, a dead one's
         lock is taken over. Leftover temporaries of a killed write are removed. Re-entrant in
         one process."""
-        with _writing(self.path):
+        with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
         if key in _HELD:
@@ -152,8 +137,12 @@ class RunFolder:
                 continue
             except OSError as exc:  # a read-only folder
                 raise DataError(f"cannot write: {exc.strerror}", path=lock) from exc
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as exc:  # a full disk: no lock of nobody left behind
+                lock.unlink(missing_ok=True)
+                raise DataError(f"cannot write: {exc.strerror}", path=lock) from exc
             break
         else:
             raise DataError("could not take the run folder's lock", path=lock)
@@ -169,8 +158,8 @@ class RunFolder:
     def _check_stale(self, lock: Path) -> None:
         """Raise if the lock's holder lives; remove the lock if it is dead (or unreadable and
         older than a minute: a holder writes its line at once)."""
-        try:
-            holder = json.loads(lock.read_text())
+        try:  # at most 4 KB: a lock someone left may be anything, /dev/zero included
+            holder = json.loads(read_bounded(lock, 4096, "lock file"))
             pid, host, since = int(holder["pid"]), str(holder["host"]), str(holder["since"])
         except (OSError, ValueError, KeyError, TypeError):
             with contextlib.suppress(FileNotFoundError):
@@ -189,9 +178,17 @@ class RunFolder:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
+    def discard(self) -> None:
+        """Remove the files a run writes before its first checkpoint (``data.json``,
+        ``config.json``, ``log.csv``, ``curves.png``): a run that never checkpointed leaves
+        none (the checkpoint is written first, so these never outlive it)."""
+        for name in (DATA_FILE, CONFIG, LOG, "curves.png"):
+            with contextlib.suppress(FileNotFoundError):
+                self.file(name).unlink()
+
     # ------------------------------------------------------------------ data.json
     def write_data_info(self, spec: str, fingerprint: str, preset: str | None) -> None:
-        with _writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
+        with writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
             json.dump({"data": spec, "fingerprint": fingerprint, "preset": preset}, f, indent=2)
 
     def record_world_size(self, world: int) -> None:
@@ -204,7 +201,7 @@ class RunFolder:
         if info.get("world_size") == world:
             return
         info["world_size"] = world
-        with _writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
+        with writing(self.file(DATA_FILE)), atomic_write(self.file(DATA_FILE), "w") as f:
             json.dump(info, f, indent=2)
 
     def read_data_info(self) -> dict[str, Any]:
@@ -213,17 +210,22 @@ class RunFolder:
         if not path.is_file():
             return {}
         try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            info = json.loads(read_bounded(path, 1 << 20, "data.json"))
+        except (ValueError, RecursionError) as exc:  # DataError (too large) is a ValueError
             raise DataError(f"not a readable data.json: {str(exc)[:200]}", path=path) from exc
         if not isinstance(info, dict):
             raise DataError("data.json holds one JSON object", path=path)
+        for key, kind, what in (("data", str, "a dataset spec"), ("fingerprint", str, "a digest"),
+                                ("preset", str | None, "a preset name or null")):
+            if key in info and not isinstance(info[key], kind):
+                raise DataError(f"expected {what}, got {excerpt(info[key])}", path=path,
+                                field=key)
         return info
 
     def dataset(self, override: str | None, fingerprint: str) -> KGDataset:
         """The run's dataset (``override`` or ``data.json``'s spec), refused unless its
         fingerprint is ``fingerprint`` (the checkpoint's)."""
-        spec = override or self.read_data_info().get("data")
+        spec = override if override is not None else self.read_data_info().get("data")
         if spec is None:
             raise DataError(f"{self.file(DATA_FILE)} is missing: pass --data FILE|synthetic",
                             field="--data")
@@ -235,7 +237,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------ other files
     def write_config(self, config: Mapping[str, Any]) -> None:
-        with _writing(self.file(CONFIG)), atomic_write(self.file(CONFIG), "w") as f:
+        with writing(self.file(CONFIG)), atomic_write(self.file(CONFIG), "w") as f:
             f.write(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
 
     def write_log(self, history: list[dict[str, Any]]) -> None:
@@ -254,7 +256,7 @@ class RunFolder:
             for g in groups:
                 flat.update({_column(g, k): v for k, v in h.get(g, {}).items()})
             w.writerow(["" if flat.get(c) is None else flat[c] for c in cols])
-        with _writing(self.file(LOG)), atomic_write(self.file(LOG), "w") as f:
+        with writing(self.file(LOG)), atomic_write(self.file(LOG), "w") as f:
             f.write(buf.getvalue())
 
     def record_sets(self, sets: dict[str, Any]) -> None:
@@ -264,20 +266,67 @@ class RunFolder:
         ck = self.load_checkpoint()
         ck["sets"] = sets
         self.save_checkpoint(ck)
-        with _writing(self.file(SETS)), atomic_write(self.file(SETS), "w") as f:
+        with writing(self.file(SETS)), atomic_write(self.file(SETS), "w") as f:
             f.write(json.dumps(sets, indent=2) + "\n")
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        with _writing(self.file(CHECKPOINT)):
+        with writing(self.file(CHECKPOINT)):
             save_checkpoint(self.file(CHECKPOINT), state)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        ck = load_checkpoint(self.file(CHECKPOINT))
-        for key in ("config", "data_fingerprint", "epoch", "history", "selection", "model"):
-            if key not in ck:
-                raise CheckpointError(f"not a run checkpoint (no {key!r})",
-                                      path=self.file(CHECKPOINT))
+        """The checkpoint, its digest checked and every field's type: a file with a valid
+        digest may still have been crafted, and must fail here, naming the field."""
+        path = self.file(CHECKPOINT)
+        ck = load_checkpoint(path)
+        check_run_state(ck, path)
         return ck
+
+
+# The fields of a run checkpoint and their types; a history record's groups map names to
+# numbers (info: to numbers, text or null). Before the first validation the selection has no
+# best epoch (-1) and no state.
+_STATE = {"config": dict, "data_fingerprint": str, "epoch": int, "history": list,
+          "selection": dict, "model": dict}
+_SELECTION = {"best_epoch": int, "best_value": float | int, "bad": int, "stopped": bool}
+_NUMBER = float | int  # bool included: an info flag
+_GROUPS = {"loss": _NUMBER, "val": _NUMBER, "time": _NUMBER, "info": _NUMBER | str | None}
+
+
+def check_run_state(ck: dict[str, Any], path: Path) -> None:
+    """Refuse (:class:`CheckpointError` naming the field) a checkpoint whose fields are not
+    those the trainer writes: a wrong type would surface as a traceback epochs later."""
+    def need(ok: bool, field: str, value: Any, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"not a run checkpoint: {field} is {excerpt(value)}, "
+                                  f"expected {what}", path=path)
+
+    def is_a(value: Any, kind: Any) -> bool:  # a bool is no count here
+        return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+    for key, kind in _STATE.items():
+        need(is_a(ck.get(key), kind), key, ck.get(key), kind.__name__)
+    history = ck["history"]
+    need(len(history) == ck["epoch"] + 1, "epoch", ck["epoch"],
+         f"the last of the {len(history)} epochs in history")
+    for i, rec in enumerate(history):
+        need(isinstance(rec, dict) and is_a(rec.get("epoch"), int), f"history[{i}]", rec,
+             "an epoch record")
+        for group, kind in _GROUPS.items():
+            values = rec.get(group, {})
+            need(isinstance(values, dict) and all(
+                isinstance(k, str) and isinstance(v, kind) for k, v in values.items()),
+                f"history[{i}][{group!r}]", values, "names mapped to numbers")
+    sel = ck["selection"]
+    for key, kind in _SELECTION.items():
+        need(is_a(sel.get(key), kind), f"selection[{key!r}]", sel.get(key), "a number")
+    best, state = sel["best_epoch"], sel.get("best_state")
+    need(-1 <= best < len(history) and isinstance(state, dict) == (best >= 0)
+         and (best < 0 or bool(history[best].get("val"))),
+         "selection['best_epoch']", best, "a validated epoch of the history, with its state")
+    try:
+        RunConfig(ck["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's config is not valid: {exc}", path=path) from exc
 
 
 def _column(group: str, key: str) -> str:
@@ -313,10 +362,12 @@ def load_run(run_dir: str | os.PathLike[str], data: str | None = None,
     except ValueError as exc:
         raise CheckpointError(f"the checkpoint's config is not valid: {exc}", path=path) from exc
     ds = folder.dataset(data, ck["data_fingerprint"])
+    if ck["selection"]["best_state"] is None:
+        raise CheckpointError("the run has no validated epoch yet: nothing to score", path=path)
     model = config.model_cls.from_dataset(ds, **config.model_options())
     try:
         model.load_scoring_state(ck["selection"]["best_state"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint does not fit the model: {str(exc)[:300]}",
                               path=path) from exc
     try:

@@ -122,6 +122,9 @@ class _Run:
 
     def restore(self, ck: dict[str, Any]) -> int:
         """Load a checkpoint's state; returns the first epoch still to run."""
+        best = ck["selection"]["best_state"]
+        if best is not None:  # tried now: it is loaded only when the run ends
+            self.model.load_scoring_state(best)
         self.model.load_state_dict(ck["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -290,7 +293,12 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
     _check_unseen(ds, run.model, config["model"])
     start = 0
     if ck is not None:
-        start = run.restore(ck)
+        try:
+            start = run.restore(ck)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            # A state of other shapes (a crafted file: the digest and fingerprint held).
+            raise CheckpointError(f"checkpoint does not fit the model: {str(exc)[:300]}",
+                                  path=folder.file(CHECKPOINT)) from exc  # type: ignore
         log(f"resumed from {folder.file(CHECKPOINT)} after epoch {ck['epoch']}")  # type: ignore
         if run.selection.stopped:
             log("the run stopped early (patience): nothing more to train")

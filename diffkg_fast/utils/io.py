@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from diffkg_fast.data.errors import DataError, cut
+
 
 def _default_mode(path: str | os.PathLike[str], directory: bool = False) -> None:
     # mkstemp / mkdtemp create 0600 / 0700; give what open() / mkdir() would (0666 / 0777 & ~umask).
@@ -95,3 +97,32 @@ def describe_os_error(exc: OSError) -> str:
     what = exc.strerror or str(exc)
     where = exc.filename if exc.filename is not None else None
     return f"{where}: {what}" if where is not None else what
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OS error while writing ``path`` (a read-only folder, a full disk, a file where the
+    folder should be) as one :class:`DataError` naming it: the error of a write to an open file
+    names no file. torch's stream writer reports a full disk as a ``RuntimeError``. With atomic
+    writes the file's previous version is intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise DataError(f"cannot write: {exc.strerror or exc}", path=path) from exc
+    except RuntimeError as exc:
+        if "write" not in str(exc).lower():
+            raise
+        raise DataError(f"cannot write: {cut(str(exc))}", path=path) from exc
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The bytes of a small file (a config, ``data.json``, a lock), refused past ``limit``: a
+    path may name ``/dev/zero`` or a file of gigabytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise DataError(f"cannot read {what}: {exc.strerror or exc}", path=path) from exc
+    if len(data) > limit:
+        raise DataError(f"larger than {limit:,} bytes: not a {what}", path=path)
+    return data
