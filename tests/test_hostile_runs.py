@@ -250,6 +250,23 @@ def test_a_comparison_never_reuses_runs_of_another_dataset_or_config(
     assert len(err) == 1 and "compare.json" in err[0] and needle in err[0]
 
 
+def test_a_run_predating_a_key_counts_it_at_its_default(files, compared, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    """A key added after the run (a new option; its default is the old behaviour) does not
+    make the run another config's; a value other than the default still does."""
+    out = tmp_path / "cmp"
+    shutil.copytree(compared, out)
+    runs = json.loads((out / "compare.json").read_text())
+    del runs[0]["config"]["eval_every"]  # as if the run predated the key
+    (out / "compare.json").write_text(json.dumps(runs))
+    monkeypatch.setattr(compare_mod, "train", lambda *a, **k: pytest.fail("trained"))
+    assert main(["compare", "--data", str(files[0]), *CMP, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--data", str(files[0]), *CMP, "--set", "eval_every=2",
+                 "--out", str(out)]) == 2
+    assert "has another config (eval_every: 1 vs now 2)" in capsys.readouterr().err
+
+
 def test_compare_checks_its_keys_before_the_data_and_holds_a_lock(files, tmp_path,
                                                                   capsys) -> None:
     assert main(["compare", "--data", "missing.npz", *CMP, "--set", "epohc=1",

@@ -154,8 +154,12 @@ def _same_run(old: dict[str, Any], cfg: RunConfig, fingerprint: str, path: Path)
     if old.get("data") != fingerprint:
         raise DataError(f"{where} is of another dataset; give another --out or delete the "
                         "file", path=path)
-    diff = [f"{k}: {excerpt(old['config'].get(k))} vs now {excerpt(v)}"
-            for k, v in cfg.to_dict().items() if old["config"].get(k) != v]
+    # A key the run predates counts as its default: a new option's default is the old
+    # behaviour (results do not move), so the run is still this config's.
+    default = config_defaults(cfg["model"])
+    was = {k: old.get("config", {}).get(k, default.get(k)) for k in cfg.to_dict()}
+    diff = [f"{k}: {excerpt(was[k])} vs now {excerpt(v)}"
+            for k, v in cfg.to_dict().items() if was[k] != v]
     if diff:
         raise DataError(f"{where} has another config ({'; '.join(diff[:3])}); give another "
                         "--out or delete the file", path=path)
