@@ -274,6 +274,10 @@ probe("recommend", "codes for a LightGCN run", "recommend {fx}/runA --diagnoses 
 probe("recommend", "--format bogus", REC + " --patient 1 --format bogus", names="format")
 probe("recommend", "--diagnoses of 20,000 codes", REC + " --diagnoses "
       + ",".join(["4019"] * 20_000), expect="either", names="diagnoses")
+probe("recommend", "--ddi bogus", REC + " --patient 1 --ddi bogus", names="--ddi")
+probe("recommend", "--ddi penalty=-1", REC + " --patient 1 --ddi penalty=-1", names="--ddi")
+probe("recommend", "--ddi penalty=nan", REC + " --patient 1 --ddi penalty=nan", names="--ddi")
+probe("recommend", "--ddi avoid (legitimate)", REC + " --patient 1 --ddi avoid", expect="ok")
 
 # ------------------------------------------------------------------ --data specs
 probe("data-spec", "a folder of neither layout", f"train --data empty {LG}",
@@ -291,6 +295,12 @@ probe("data-spec", "evaluate --data ''", "evaluate {fx}/runA --data ''", names="
 
 # ------------------------------------------------------------------ models with bad options
 MODEL = "train --data {fx}/small.npz --set epoch=1 --no-plot --no-progress --model"
+probe("model", "DDI loss, target_ddi=2", f"{MODEL} diffkg --set ddi_loss=true --set target_ddi=2",
+      names="target_ddi")
+probe("model", "sampled diffusion, 0 negatives",
+      f"{MODEL} diffkg --set diffusion_mode=sampled --set diffusion_negatives=0",
+      names="diffusion_negatives")
+probe("model", "cl_mode bogus", f"{MODEL} diffkg --set cl_mode=bogus", names="cl_mode")
 # Legitimate: KGAT without propagation layers, DiffRec's schedule with falling betas (its own
 # code accepts both).
 probe("model", "--model kgat --set layers=[] (legitimate)", f"{MODEL} kgat --set layers=[]",

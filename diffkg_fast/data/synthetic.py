@@ -51,7 +51,7 @@ import numpy as np
 
 from diffkg_fast.data.build import check_type
 from diffkg_fast.data.dataset import unique_int
-from diffkg_fast.data.errors import DataError, excerpt
+from diffkg_fast.data.errors import DataError, cut, excerpt
 from diffkg_fast.data.records import KINDS, MedicalRecords
 from diffkg_fast.data.synthetic_codes import CLUSTER_WEIGHTS, N_CLUSTERS, vocabularies
 from diffkg_fast.data.synthetic_sampling import (
@@ -140,7 +140,9 @@ class SyntheticKnobs:
             top = 1.0 if k in _CHANCES else math.inf
             if len(xs) != 1 + pair or not all(math.isfinite(x) and 0 <= x <= top for x in xs) \
                     or (k in _SHAPES and xs[0] <= 0) or (pair and xs[0] > xs[1]):
-                what = "in [0, 1]" if top == 1 else f"finite and {'>' if k in _SHAPES else '>='} 0"
+                low = "(0" if k in _SHAPES else "[0"
+                sign = ">" if k in _SHAPES else ">="
+                what = f"in {low}, 1]" if top == 1 else f"finite and {sign} 0"
                 raise DataError(f"must be {'[low, high] ' * pair}{what}, got {excerpt(v)}", field=k)
             out[k] = tuple(xs) if pair else check_type(k, v, defaults[k])
         return cls(**out)
@@ -150,7 +152,9 @@ class SyntheticKnobs:
 _CHANCES = frozenset({"in_cluster", "acute_rate", "chronicity", "generic_top", "ddi_affinity",
                       "routine_source", "cond_med_top", "link_diag", "link_proc", "ddi_share",
                       "ddi_rate"})
-_SHAPES = frozenset({"routine_persistence", "affinity_shape"})
+# Shapes: the Beta draws of a patient's routine drugs take generic_top * med_scale as a
+# parameter, so those two must be > 0 as well.
+_SHAPES = frozenset({"routine_persistence", "affinity_shape", "med_scale", "generic_top"})
 
 
 # ----------------------------------------------------------------------------- interactions
@@ -491,7 +495,17 @@ def synthetic_records(n_patients: int = 6350, n_diag: int = 1958, n_proc: int = 
     ``knobs`` are fields of :class:`SyntheticKnobs` (an unknown one is a :class:`DataError`).
     Sizes beyond the real code dictionaries switch that kind to synthetic codes.
     """
-    return synthetic_cohort(n_patients, n_diag, n_proc, n_med, seed, **knobs)[0]
+    try:
+        return synthetic_cohort(n_patients, n_diag, n_proc, n_med, seed, **knobs)[0]
+    except DataError:
+        raise
+    except (ValueError, FloatingPointError, OverflowError, MemoryError) as exc:
+        # A knob far from its default (a Poisson mean of 1e300, a lognormal sigma that
+        # overflows, 1e10 times the visits) fails deep in numpy, where no knob is known:
+        # name the ones given.
+        raise DataError(f"numpy cannot draw this cohort ({cut(str(exc))}); choose values "
+                        "nearer the defaults", field=", ".join(sorted(knobs)) or "n_patients"
+                        ) from None
 
 
 def synthetic_records_scaled(preset: str, seed: int = 0, **overrides: Any) -> MedicalRecords:
