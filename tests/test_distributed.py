@@ -1,22 +1,25 @@
 """Data-parallel training: real gloo process groups of 2 CPU processes against 1 process.
 
-The multi-process checks share one spawn (``ranks``: both ranks train LightGCN, DiffKG, KGAT
-and MultiVAE for one or two epochs, rebuild the KG and evaluate, then form a second group in
-which rank 1 dies; the parent computes the single-process references) and one ``torchrun``
-launch of the CLI. The graphs are tiny (200 patients, latdim 8) so that the file stays under a
-minute on two shared cores (about 40 s measured at load average 6-8, most of it the imports of
-four fresh processes).
+The multi-process checks share one spawn (``ranks``: both ranks train LightGCN, DiffKG and
+every other trainable model (``EVERY_MODEL``) for one or two epochs, rebuild the KG and
+evaluate, then form a second group in which rank 1 dies; the parent computes the
+single-process references) and one ``torchrun`` launch of the CLI. The graphs are tiny (200
+patients, latdim 8) so that the file stays under a minute on two shared cores (25-40 s
+measured, most of it the imports of four fresh processes).
 
 Tolerances. Two ranks compute the same batches as one process, but a batch's gradient is summed
 in another order (each rank's part, then DDP's average of the parts), so the parameters differ
 by float32 rounding, not by bits: a relative ~1e-7 in a gradient moves Adam's step
-``lr·m/(sqrt(v)+eps)`` by about as much, ~1e-10 at lr 1e-3 (more only for a gradient near
-Adam's eps 1e-8). Measured: 3e-8 after an epoch (LightGCN), 1.2e-7 (DiffKG, two
-epochs), the ulp of the weights. ``atol=2e-6`` leaves a wide margin over that and is far below
-one step's update (~lr = 1e-3), so a wrong batch, remainder weight or draw, each of which moves
-weights by ~lr, fails it. Evaluation sums float64 per-user values in another order:
-``rel=1e-12``. The rebuilt KG is computed from the same denoiser weights, batch by batch as one
-process does: equal.
+``lr·m/(sqrt(v)+eps)`` by about as much, ~1e-10 at lr 1e-3 (more only for a gradient near Adam's
+eps 1e-8: see KGIN's row of ``EVERY_MODEL``). Measured: 3e-8 after an epoch (LightGCN), 1.2e-7
+(DiffKG, two epochs), the ulp of the weights. ``atol=2e-6`` leaves a wide margin over that and
+is far below one step's update (~lr = 1e-3), so a wrong batch, remainder weight or draw, each of
+which moves weights by ~lr, fails it. Tried: each rank's own norm in EmbLoss, 2e-3 to 6e-3 on
+KGAT, KGIN and KGCN; the DDI term over a rank's own patients, 7.5e-3 (LightGCN), and with
+in-batch InfoNCE over a rank's own nodes too, 1.1e-2 (DiffKG); MultiVAE's draws per part (the
+earlier code), 2e-3. Evaluation sums float64 per-user values in another order: ``rel=1e-12``.
+The rebuilt KG is computed from the same denoiser weights, batch by batch as one process does:
+equal.
 """
 
 from __future__ import annotations
@@ -62,6 +65,28 @@ def _cfg(model: str, **kw):
             "latent_dimension": 16, "mlp_hidden_size": [16], **kw}
     keys = config_defaults(model)
     return make_config(**{k: v for k, v in base.items() if k in keys})
+
+
+# key -> (model, options): every trainable model beside LightGCN and DiffKG's defaults, with the
+# options whose loss is not a plain per-row mean. reg_weight 0.1: RecBole's EmbLoss is a norm of
+# the whole batch's embeddings; at the default 1e-5 a per-part norm would hide under rounding.
+EVERY_MODEL = {
+    # 200 patients in batches of 61: three full batches and one of 17, split 9 / 8.
+    "multivae": ("multivae", {"batch": 61}),
+    "cdae": ("cdae", {"batch": 61}),
+    # Epoch 2: the importance history (filled in epoch 1) draws the steps.
+    "diffrec": ("diffrec", {"batch": 61, "epoch": 2}),
+    "kgat": ("kgat", {"reg_weight": 0.1}),
+    # KGIN without its dropouts: with them, a few entity rows whose messages were all dropped
+    # get gradients of rounding size, and Adam's first steps on such a row (g / (|g| + eps))
+    # turn a reordered sum into ~3e-4: measured in ONE process by merely summing each batch's
+    # gradient in two halves. Without dropout one process and two ranks agree to 2e-8. The
+    # dropouts' draws are whole-graph, the same on every rank, as KGAT's (its row keeps them).
+    "kgin": ("kgin", {"reg_weight": 0.1, "node_dropout_rate": 1.0, "mess_dropout_rate": 0.0}),
+    "kgcn": ("kgcn", {"reg_weight": 0.1}),
+    "lightgcn-ddi": ("lightgcn", {"ddi_loss": True, "ddi_scale": 0.5}),
+    "diffkg-ddi-in-batch": ("diffkg", {"ddi_loss": True, "cl_mode": "in_batch"}),
+}
 
 
 def _silent(_: str) -> None:
@@ -146,10 +171,9 @@ def _train_worker(rank: int, world: int, out: str) -> None:
         m.diffusion.generators["rebuild"].manual_seed(11)
         res["rebuild"] = m.diffusion.rebuild().to_triplets()
         res["eval"] = evaluate_split(m, ds, "test", batch_size=37, sets=dk.sets, dist=d)
-        # KGAT (parameters its CF steps leave out, a replicated TransR phase) and MultiVAE
-        # (batches of users): they train, and the ranks stay identical.
-        for name in ("kgat", "multivae"):
-            res[name] = train(_ds(), _cfg(name), log=_silent).model.state_dict()
+        # Every other trainable model, each with what makes its loss more than a per-row mean.
+        for key, (name, kw) in EVERY_MODEL.items():
+            res[key] = train(_ds(), _cfg(name, **kw), log=_silent).model.state_dict()
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -212,18 +236,16 @@ def test_diffkg_two_ranks_follow_one_process(ranks) -> None:
     assert two["sets"] == ranks[1]["diffkg"]["sets"]
 
 
-def test_kgat_and_multivae_keep_their_ranks_identical(ranks) -> None:
-    for name in ("kgat", "multivae"):
-        _assert_same_ranks(ranks[0][name], ranks[1][name])
-    # KGAT follows the single process here (measured 6e-8) although its EmbLoss, a norm of the
-    # batch's embeddings, is not a per-row mean: at reg_weight 1e-5 its per-part difference is
-    # below float32 rounding; with a large reg_weight it would not be.
-    one = train(_ds(), _cfg("kgat"), log=_silent).model.state_dict()
-    assert _max_diff(ranks[0]["kgat"], one) < ATOL
-    # MultiVAE draws its dropout and noise per row of each rank's part: a different trajectory
-    # (measured 2e-3 after one epoch), only a plausibility bound here.
-    one = train(_ds(), _cfg("multivae"), log=_silent).model.state_dict()
-    assert _max_diff(ranks[0]["multivae"], one) < 1e-2
+@pytest.mark.parametrize("key", list(EVERY_MODEL))
+def test_every_model_two_ranks_follow_one_process(ranks, key) -> None:
+    """Per-row draws made for the whole batch and cut (MultiVAE, CDAE, DiffRec and its
+    importance history), CDAE's summed loss, the norm of the batch's embeddings (KGAT, KGIN,
+    KGCN at a reg_weight where it matters), the DDI loss over the batch's distinct patients,
+    and in-batch InfoNCE: each is the single process's, to float reduction order."""
+    name, kw = EVERY_MODEL[key]
+    _assert_same_ranks(ranks[0][key], ranks[1][key])
+    one = train(_ds(), _cfg(name, **kw), log=_silent).model.state_dict()
+    assert _max_diff(ranks[0][key], one) < ATOL
 
 
 def test_sharded_rebuild_is_the_single_process_rebuild(ranks) -> None:

@@ -143,7 +143,7 @@ def test_diffkg_loss_equals_a_literal_computation() -> None:
               (enc.user, enc.entity, enc.relation, enc.W)]
     u1, i1, code = _literal_view(m, params, kg1, c, adj)
     u2, i2, _ = _literal_view(m, params, kg2, c, adj)
-    users, pos, neg = batch
+    users, pos, neg, _ = batch
 
     def bpr(u, a, b):
         return -torch.log(torch.sigmoid((u * a).sum(1) - (u * b).sum(1))).mean()
@@ -177,7 +177,7 @@ def test_lightgcn_loss_equals_a_literal_computation() -> None:
     x = torch.cat([m.user, m.item]).detach().double()
     out = x + adj @ x + adj @ adj @ x
     u, i = out[:U], out[U:]
-    users, pos, neg = batch
+    users, pos, neg, _ = batch
     bpr = -torch.log(torch.sigmoid((u[users] * i[pos]).sum(1) - (u[users] * i[neg]).sum(1)))
     want = bpr.mean() + 1e-2 * (x.pow(2).sum())
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)

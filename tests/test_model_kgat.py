@@ -141,7 +141,7 @@ def _batch() -> PairBatch:
 
 def _literal_cf(emb: torch.Tensor, batch: PairBatch, reg_weight: float) -> torch.Tensor:
     terms, norms = [], [0.0, 0.0, 0.0]
-    for u, p, q in zip(*batch, strict=True):
+    for u, p, q in zip(*batch[:3], strict=True):
         eu, ep, eq = emb[u], emb[U + p], emb[U + q]
         terms.append(-torch.log(torch.sigmoid((eu * ep).sum() - (eu * eq).sum())))
         for k, x in enumerate((eu, ep, eq)):

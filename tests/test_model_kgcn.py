@@ -127,7 +127,7 @@ def test_loss_scores_and_gradient_equal_a_literal_computation(aggregator, n_iter
     loss, parts = m(batch)
     P = _params64(m)
     rows = []
-    for u, p, n in zip(*(t.tolist() for t in batch), strict=True):
+    for u, p, n in zip(*(t.tolist() for t in batch[:3]), strict=True):
         uv = P["user"][u]
         rows.append((uv, _literal_item(m, uv, p, P), _literal_item(m, uv, n, P)))
     us, ps, ns = (torch.stack(x) for x in zip(*rows, strict=True))

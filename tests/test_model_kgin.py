@@ -148,7 +148,7 @@ def test_loss_and_gradient_equal_a_literal_computation(reverse) -> None:
     P = _params64(m)
     edges = kg.tolist() + ([[t, r + R, h] for h, r, t in kg.tolist()] if reverse else [])
     u, e = _literal_propagate(P, _user_weights(train), edges, 2)
-    users, pos, neg = batch
+    users, pos, neg, _ = batch
     ub, pb, nb = u[users], e[pos], e[neg]
     bpr = -torch.log(torch.sigmoid((ub * pb).sum(1) - (ub * nb).sum(1))).mean()
     reg = 1e-2 * (ub.norm() + pb.norm() + nb.norm()) / len(users)
@@ -185,7 +185,7 @@ def test_dropout_forward_equals_a_literal_with_the_same_draws() -> None:
     P = _params64(m)
     u, e = _literal_propagate(P, _user_weights(train, keep), kg[kept.numpy()].tolist(),
                               2, masks)
-    users, pos, neg = _batch(train)
+    users, pos, neg, _ = _batch(train)
     bpr = -torch.log(torch.sigmoid((u[users] * e[pos]).sum(1) - (u[users] * e[neg]).sum(1)))
     assert float(parts["bpr"]) == pytest.approx(float(bpr.mean()), rel=1e-4)
     # Eval scores ignore dropout, and do not draw from the stream.

@@ -34,30 +34,38 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from diffkg_fast.utils.distributed import SINGLE, Dist, Span
+
 __all__ = ["EmbeddingRecommender", "EpochReport", "PairBatch", "Patients", "Recommender",
            "UserBatch", "check_options"]
 
 
 class PairBatch(NamedTuple):
-    """BPR triples: ``users``, their positive ``pos`` and sampled negative ``neg`` items (B,)."""
+    """BPR triples: ``users``, their positive ``pos`` and sampled negative ``neg`` items (B,).
+    ``span``: in a data-parallel step, where these rows lie in the global batch (``None``: the
+    batch is the whole step's)."""
 
     users: Tensor
     pos: Tensor
     neg: Tensor
+    span: Span | None = None
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in self))
+        return PairBatch(self.users.to(device), self.pos.to(device), self.neg.to(device),
+                         self.span)
 
 
 class UserBatch(NamedTuple):
     """Users and their training rows: ``users`` (B,) and ``rows`` (B × n_items, 0/1 float),
-    the input of auto-encoder models (RecBole's ``AutoEncoderMixin`` gives the same)."""
+    the input of auto-encoder models (RecBole's ``AutoEncoderMixin`` gives the same); ``span``
+    as in :class:`PairBatch`."""
 
     users: Tensor
     rows: Tensor
+    span: Span | None = None
 
     def to(self, device: torch.device | str) -> UserBatch:
-        return UserBatch(*(t.to(device) for t in self))
+        return UserBatch(self.users.to(device), self.rows.to(device), self.span)
 
 
 class Patients(NamedTuple):
@@ -93,11 +101,14 @@ class Recommender(nn.Module):
     - ``batch_kind``: the batches :meth:`forward` takes (``"pairs"``: :class:`PairBatch`;
       ``"none"``: nothing is trained, e.g. popularity);
     - ``phases``: names of the phases :meth:`on_epoch_start` times (logged per epoch).
+
+    ``dist`` is the single process until :meth:`distribute` sets the run's.
     """
 
     name: ClassVar[str] = ""
     batch_kind: ClassVar[str] = "pairs"
     phases: ClassVar[tuple[str, ...]] = ()
+    dist: Dist = SINGLE
     n_users: int
     n_items: int
 
@@ -141,22 +152,28 @@ class Recommender(nn.Module):
         """Work the model owns after the epoch's batches, before validation (default: none)."""
         return EpochReport({}, {}, {})
 
-    def distribute(self, dist: Any) -> None:
+    def distribute(self, dist: Dist) -> None:
         """Called by the trainer once, before the first epoch of a data-parallel run (``dist``:
         a :class:`~diffkg_fast.utils.distributed.Dist`). A model whose epoch phases train or
         compute on their own shards them here (DiffKG: its denoiser's pass and the rebuild).
-        Default: nothing, and the phases run whole on every rank, which keeps the ranks'
-        states identical as long as they draw only from the model's seeded streams (KGAT's
-        TransR phase and attention refresh)."""
+        Default: keep ``dist`` (the whole-batch terms of :meth:`forward` reduce over it), and
+        run the phases whole on every rank, which keeps the ranks' states identical as long as
+        they draw only from the model's seeded streams (KGAT's TransR phase and attention
+        refresh). An override calls this one."""
+        self.dist = dist
 
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """One training step's loss and its named parts (detached), from a batch of
         :attr:`batch_kind`. Called as ``model(batch)``, never as another method, so that a
         ``DistributedDataParallel`` wrapper sees it.
 
-        Data-parallel runs (``docs/distributed.md``) give each rank a part of the batch and
-        scale its loss as a MEAN over rows plus terms that do not depend on the rows; a loss of
-        that form that draws nothing per row follows the single process's trajectory."""
+        Data-parallel runs (``docs/distributed.md``) give each rank a part of the batch
+        (``batch.span`` says which) and weigh its loss as a MEAN over rows plus terms that do
+        not depend on the rows (a sum over the rows is scaled by ``total / rows`` to that
+        form, as CDAE does). Such a loss follows the single process's trajectory when it draws
+        per row for the whole batch and keeps its rows (``span.cut``), and computes a term
+        over the whole batch (a norm of its embeddings, a mean over its distinct patients)
+        from the whole batch's values."""
         raise NotImplementedError
 
     def epoch_info(self) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from diffkg_fast.model.autoencoder import TrainingRows, known_rows, xavier_normal_init
 from diffkg_fast.model.base import Patients, Recommender, UserBatch, check_options
 from diffkg_fast.ops.attention import dropout_mask
+from diffkg_fast.utils.distributed import Span
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["CDAE"]
@@ -123,13 +124,17 @@ class CDAE(Recommender):
             raise ValueError("corruption_ratio must be < 1 (a ratio of 1 leaves no input)")
 
     # ------------------------------------------------------------------ the network
-    def outputs(self, rows: Tensor, user_node: Tensor, corrupt: bool) -> Tensor:
+    def outputs(self, rows: Tensor, user_node: Tensor, corrupt: bool,
+                span: Span | None = None) -> Tensor:
         """Pre-activation outputs ``o`` (B × I) of 0/1 ``rows`` and the users' nodes (B × d);
-        ``corrupt``: with the drop-out corruption (drawn from the ``dropout`` stream)."""
+        ``corrupt``: with the drop-out corruption (drawn from the ``dropout`` stream, for the
+        whole batch of ``span`` in a data-parallel step, and cut to these rows)."""
         x = rows
         if corrupt and self.corruption_ratio > 0:
-            x = x * dropout_mask(tuple(x.shape), self.corruption_ratio, self.generator,
-                                 x.device, x.dtype)
+            n = x.shape[0] if span is None else span.total
+            mask = dropout_mask((n, x.shape[1]), self.corruption_ratio, self.generator,
+                                x.device, x.dtype)
+            x = x * (mask if span is None else span.cut(mask))
         h = HID_ACTIVATIONS[self.hid_activation](self.h_item(x) + user_node)
         return self.out_layer(h)
 
@@ -146,12 +151,16 @@ class CDAE(Recommender):
     def forward(self, batch: UserBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Summed reconstruction loss of the batch's rows plus the regulariser."""
         rows = batch.rows
-        out = self.outputs(rows, self.h_user(batch.users), corrupt=self.training)
+        out = self.outputs(rows, self.h_user(batch.users), self.training, batch.span)
         if self.loss_type == "BCE":
             data = F.binary_cross_entropy_with_logits(out, rows, reduction="sum")
         else:
             act = OUT_ACTIVATIONS[self.out_activation]
             data = F.mse_loss(act(out), rows, reduction="sum")
+        if batch.span is not None:
+            # A data-parallel step weighs a rank's loss as a mean over its rows (Recommender.
+            # forward): the part's sum, scaled to the whole batch's, comes back as the sum.
+            data = data * (batch.span.total / max(batch.span.rows, 1))
         reg = self.regularizer()
         return data + reg, {self.loss_type.lower(): data.detach(), "reg": reg.detach()}
 

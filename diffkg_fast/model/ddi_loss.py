@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.ops.rows import rows
+from diffkg_fast.utils.distributed import SINGLE, Dist, Span, whole_batch
 
 __all__ = ["DDI_DEFAULTS", "DDILoss", "controlled", "ddi_pairs_of", "has_ddi", "set_size_of"]
 
@@ -148,13 +149,19 @@ class DDILoss(nn.Module):
 
 
 def controlled(ddi: DDILoss | None, rec: Tensor, user_table: Tensor, items: Tensor,
-               users: Tensor, parts: dict[str, Tensor], prefix: str = "") -> Tensor:
+               users: Tensor, parts: dict[str, Tensor], prefix: str = "", *,
+               span: Span | None = None, dist: Dist = SINGLE) -> Tensor:
     """The loss of the per-triple terms ``rec`` (``B``) of ``users``: their mean without
     ``ddi``; with it, the controlled loss, the batch's distinct patients ranked by
-    ``user_table @ items.T``. The DDI parts go into ``parts`` under ``prefix``."""
+    ``user_table @ items.T``. The DDI parts go into ``parts`` under ``prefix``.
+
+    In a data-parallel step (``span``, ``dist``) the patients' term is over the WHOLE batch's
+    distinct patients (their ids gathered; ``user_table`` is the same on every rank): a term
+    of the whole batch, computed alike on every rank, as the single process computes it."""
     if ddi is None:
         return rec.mean()
-    who, owner = users.unique(return_inverse=True)
+    who = whole_batch(users, span, dist).unique()
+    owner = torch.searchsorted(who, users)
     loss, mine = ddi(rec, owner, rows(user_table, who) @ items.T)
     parts.update({prefix + k: v for k, v in mine.items()})
     return loss

@@ -83,9 +83,11 @@ from diffkg_fast.ops.diffusion import (
     Denoiser,
     DiffusionSchedule,
     diffusion_loss,
+    dropout_mask,
     sample,
 )
 from diffkg_fast.ops.diffusion_importance import ImportanceSampler
+from diffkg_fast.utils.distributed import whole_batch
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["DiffRec"]
@@ -158,13 +160,34 @@ class DiffRec(Recommender):
         """The importance-weighted diffusion loss of one batch of users' training rows; the
         batch's per-row losses then join the sampler's history (module docstring)."""
         x0 = batch.rows.to(self.no_kg.device, self.no_kg.dtype)  # the model's dtype
-        t, pt, noise = self.importance.draw(x0, self.generators["diffusion"])
-        loss, parts = diffusion_loss(
+        span = batch.span
+        if span is None:
+            t, pt, noise = self.importance.draw(x0, self.generators["diffusion"])
+            loss, parts = self._loss(x0, t, pt, noise)
+            self.importance.record(t, parts["rows"])
+            return loss, {"diff": parts["diff"]}
+        # A data-parallel step: the whole batch's draws (steps, noise, dropout mask) in the
+        # single process's order, this rank's rows of them; every rank records the whole
+        # batch's losses, gathered, so the histories (and the next draws) stay the same.
+        whole = x0.new_zeros(()).expand(span.total, x0.shape[1])  # shape only, no storage
+        t, pt, noise = self.importance.draw(whole, self.generators["diffusion"])
+        den = self.denoiser
+        if den.dropout > 0:
+            den.preset_mask = span.cut(dropout_mask(whole, den.dropout, den.dropout_generator))
+        try:
+            loss, parts = self._loss(x0, span.cut(t), span.cut(pt), span.cut(noise))
+        finally:
+            den.preset_mask = None
+        self.importance.record(t, whole_batch(parts["rows"], span, self.dist))
+        return loss, {"diff": parts["diff"]}
+
+    def _loss(self, x0: Tensor, t: Tensor, pt: Tensor, noise: Tensor,
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The importance-weighted loss of the rows ``x0`` at the draws ``t``, ``pt``, ``noise``."""
+        return diffusion_loss(
             self.denoiser, x0, t, noise, self.schedule, self.n_items, self.no_kg,
             self.no_kg.new_zeros(x0.shape[0], 1), 0.0, row_weights=1.0 / pt,
             step_weights=self.step_weights)
-        self.importance.record(t, parts["rows"])
-        return loss, {"diff": parts["diff"]}
 
     def epoch_info(self) -> dict[str, Any]:
         """Whether ``t`` is drawn by importance now, after the epoch (every step's history

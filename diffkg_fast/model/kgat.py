@@ -326,7 +326,7 @@ class KGAT(EmbeddingRecommender):
         users, items = self.propagate()
         u, pos, neg = users[batch.users], items[batch.pos], items[batch.neg]
         bpr = bpr_loss(u, pos, neg)
-        reg = self.reg_weight * emb_norm_reg(u, pos, neg)
+        reg = self.reg_weight * emb_norm_reg(u, pos, neg, span=batch.span, dist=self.dist)
         return bpr + reg, {"bpr": bpr.detach(), "reg": reg.detach()}
 
     # ------------------------------------------------------------------ KG phase

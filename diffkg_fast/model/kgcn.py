@@ -235,7 +235,7 @@ class KGCN(Recommender):
             rec = torch.cat((F.softplus(-ys_pos), F.softplus(ys_neg))).mean()
         else:
             rec = bpr_loss(u, pos, neg)
-        reg = self.reg_weight * emb_norm_reg(u, pos, neg)
+        reg = self.reg_weight * emb_norm_reg(u, pos, neg, span=batch.span, dist=self.dist)
         return rec + reg, {self.loss_type: rec.detach(), "reg": reg.detach()}
 
     # ------------------------------------------------------------------ scoring

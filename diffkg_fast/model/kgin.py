@@ -242,7 +242,7 @@ class KGIN(EmbeddingRecommender):
         u, e = self._propagate(dropout=self.training)
         ub, pb, nb = u[batch.users], e[batch.pos], e[batch.neg]
         bpr = bpr_loss(ub, pb, nb)
-        reg = self.reg_weight * emb_norm_reg(ub, pb, nb)
+        reg = self.reg_weight * emb_norm_reg(ub, pb, nb, span=batch.span, dist=self.dist)
         cor = self.sim_regularity * independence_loss(self.disen_weight_att, self.ind,
                                                       self.temperature)
         return bpr + reg + cor, {"bpr": bpr.detach(), "reg": reg.detach(), "cor": cor.detach()}

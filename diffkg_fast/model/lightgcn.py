@@ -114,7 +114,8 @@ class LightGCN(EmbeddingRecommender):
         # rows(), not u[batch.users]: the indexing backward sums at two threads in timing order.
         terms = bpr_loss(rows(u, batch.users), rows(i, batch.pos), rows(i, batch.neg), reduce=False)
         parts = {"bpr": terms.mean().detach()}
-        rec = controlled(self.ddi, terms, u, i, batch.users, parts)
+        rec = controlled(self.ddi, terms, u, i, batch.users, parts, span=batch.span,
+                         dist=self.dist)
         reg = l2_reg(self.parameters(), self.reg)
         parts.update(reg=reg.detach(), cl=torch.zeros((), device=rec.device))
         return rec + reg, parts

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from diffkg_fast.ops.contrastive import logsumexp_mm
 from diffkg_fast.ops.rows import rows
+from diffkg_fast.utils.distributed import SINGLE, Dist, Span, global_sum
 
 __all__ = ["bpr_loss", "emb_norm_reg", "info_nce", "info_nce_in_batch", "info_nce_sampled",
            "l2_reg"]
@@ -108,8 +109,23 @@ def info_nce_in_batch(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) 
     return (torch.logsumexp(z1 @ z2.T, -1) - (z1 * z2).sum(-1)).mean()
 
 
-def emb_norm_reg(*embeddings: Tensor) -> Tensor:
+def emb_norm_reg(*embeddings: Tensor, span: Span | None = None, dist: Dist = SINGLE,
+                 ) -> Tensor:
     """RecBole's ``EmbLoss`` (``require_pow=False``, its default): ``sum_k ||E_k||_F / B``, the
     Frobenius norms (not squared) of the batch's embedding tables over the batch size ``B``
-    (rows of the last table). KGAT and KGIN regularise with it, times ``reg_weight``."""
-    return sum(e.norm(p=2) for e in embeddings) / embeddings[-1].shape[0]
+    (rows of the last table). KGAT, KGIN and KGCN regularise with it, times ``reg_weight``.
+
+    In a data-parallel step (``span``, ``dist``) each rank holds ``b`` of the batch's ``B``
+    rows. The norms are of the WHOLE batch, ``||E_k|| = sqrt(S_k)`` with ``S_k = Σ_r s_rk`` the
+    ranks' sums of squares (all-reduced, detached), and the value is the single process's on
+    every rank. The gradient comes from the surrogate ``Σ_k s_k / (2 ||E_k|| b)``: its
+    gradient on this rank's rows is ``(B/b)`` times theirs in ``R = Σ_k sqrt(S_k)/B``, which the
+    trainer's weight ``W b / B`` and DDP's average ``1/W`` bring back to exactly ``∂R``."""
+    if span is None or not dist.active:
+        return sum(e.norm(p=2) for e in embeddings) / embeddings[-1].shape[0]
+    squares = torch.stack([e.pow(2).sum() for e in embeddings]) * float(span.real)
+    norms = global_sum(squares, dist).sqrt()
+    value = norms.sum() / span.total
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero norm: zero gradient
+    surrogate = (squares / (2 * safe)).sum() / max(span.rows, 1)
+    return surrogate + (value - surrogate).detach()

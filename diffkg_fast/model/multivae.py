@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from diffkg_fast.model.autoencoder import TrainingRows, known_rows, xavier_normal_init
 from diffkg_fast.model.base import Patients, Recommender, UserBatch, check_options
 from diffkg_fast.ops.attention import dropout_mask
+from diffkg_fast.utils.distributed import Span
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["MultiVAE", "mlp"]
@@ -132,25 +133,31 @@ class MultiVAE(Recommender):
             return self.anneal_cap
         return min(self.anneal_cap, self.update / self.total_anneal_steps)
 
-    def encode(self, rows: Tensor, train: bool) -> tuple[Tensor, Tensor]:
-        """``(mu, logvar)`` of 0/1 rows (B × I); ``train``: with the input dropout."""
+    def encode(self, rows: Tensor, train: bool, span: Span | None = None,
+               ) -> tuple[Tensor, Tensor]:
+        """``(mu, logvar)`` of 0/1 rows (B × I); ``train``: with the input dropout, drawn for
+        the whole batch of ``span`` (a data-parallel step) and cut to these rows."""
         h = F.normalize(rows, dim=1)  # an empty row stays zero
         if train and self.dropout_prob > 0:
-            h = h * dropout_mask(tuple(h.shape), self.dropout_prob, self.generator,
-                                 h.device, h.dtype)
+            n = h.shape[0] if span is None else span.total
+            mask = dropout_mask((n, h.shape[1]), self.dropout_prob, self.generator,
+                                h.device, h.dtype)
+            h = h * (mask if span is None else span.cut(mask))
         h = self.encoder(h)
         return h[:, :self.k], h[:, self.k:]
 
     def forward(self, batch: UserBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Annealed negative ELBO of a batch of users (one training step: ``t`` += 1)."""
-        rows = batch.rows
+        rows, span = batch.rows, batch.span
         if self.training:
             self.update += 1
-        mu, logvar = self.encode(rows, self.training)
+        mu, logvar = self.encode(rows, self.training, span)
         z = mu
         if self.training and self.epsilon_std > 0:
-            eps = torch.randn(tuple(mu.shape), generator=self.generator,
+            n = mu.shape[0] if span is None else span.total
+            eps = torch.randn((n, mu.shape[1]), generator=self.generator,
                               device=self.generator.device).to(mu.device, mu.dtype)
+            eps = eps if span is None else span.cut(eps)
             z = mu + eps * self.epsilon_std * torch.exp(0.5 * logvar)
         logits = self.decoder(z)
         ce = -(F.log_softmax(logits, dim=1) * rows).sum(1).mean()

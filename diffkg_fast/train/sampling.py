@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from diffkg_fast.model.base import PairBatch, UserBatch
-from diffkg_fast.utils.distributed import Dist, batch_part
+from diffkg_fast.utils.distributed import Dist, Span, batch_span
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["SAMPLERS", "PairSampler", "UserSampler", "interactions", "sample_negatives"]
@@ -104,9 +104,9 @@ class PairSampler:
         (:func:`~diffkg_fast.utils.distributed.batch_part`); the same draws on every rank."""
         for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
                                 limit):
-            part, factor = batch_part(b.numel(), d)
-            b = b[part]
-            yield PairBatch(self.users[b], self.items[b], neg[b]), factor
+            span, factor = batch_span(b.numel(), d)
+            b = span.cut(b)
+            yield PairBatch(self.users[b], self.items[b], neg[b], span), factor
 
     def state_dict(self) -> dict[str, Any]:
         return {name: g.get_state() for name, g in self.generators.items()}
@@ -146,11 +146,11 @@ class UserSampler:
         """This rank's part of each of :meth:`batches`' batches and its loss factor."""
         for b in _index_batches(self.users.numel(), self.batch, self.generators["shuffle"],
                                 limit):
-            part, factor = batch_part(b.numel(), d)
-            yield self._batch(self.users[b[part]]), factor
+            span, factor = batch_span(b.numel(), d)
+            yield self._batch(self.users[span.cut(b)], span), factor
 
-    def _batch(self, users: Tensor) -> UserBatch:
-        return UserBatch(users, torch.from_numpy(self.train[users.numpy()].toarray()))
+    def _batch(self, users: Tensor, span: Span | None = None) -> UserBatch:
+        return UserBatch(users, torch.from_numpy(self.train[users.numpy()].toarray()), span)
 
     def state_dict(self) -> dict[str, Any]:
         return {name: g.get_state() for name, g in self.generators.items()}

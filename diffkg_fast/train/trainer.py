@@ -311,11 +311,6 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
     if d.active:
         run.model.distribute(d)
         log(f"data-parallel over {d.world} processes (rank 0 logs and writes)")
-        if run.model.batch_kind == "users":
-            # MultiVAE, CDAE, DiffRec draw noise per row inside forward, from their own
-            # stream: each rank draws for its part alone (docs/distributed.md).
-            log(f"note: {config['model']} draws its noise per row of each rank's part: "
-                "data-parallel, but not the single process's trajectory")
     run.step = wrap(run.model, run.optimizer, d)
     if not d.is_main:
         folder = None  # rank 0 alone writes the run folder

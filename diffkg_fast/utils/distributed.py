@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Dist", "batch_part", "block", "current", "ddp", "gather_rows", "sum_across"]
+__all__ = ["SINGLE", "Dist", "Span", "batch_part", "batch_span", "block", "current", "ddp",
+           "gather_rows", "global_sum", "sum_across", "whole_batch"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Dist:
     def is_main(self) -> bool:
         """Rank 0: the one that logs, shows progress and writes the run folder."""
         return self.rank == 0
+
+
+SINGLE = Dist()  # the single process: a default argument's value
 
 
 def current() -> Dist:
@@ -83,6 +88,59 @@ def batch_part(n: int, d: Dist) -> tuple[slice, float]:
     if len(r) == 0:
         return slice(0, 1), 0.0
     return slice(r.start, r.stop), d.world * len(r) / n
+
+
+class Span(NamedTuple):
+    """Where a rank's batch lies in the global batch of a data-parallel step: its rows are
+    ``start:stop`` of ``total``. ``real`` is False for a rank with no row of a batch smaller than
+    the world (it computes one stand-in row, the global batch's first, with factor 0).
+
+    A model that draws per row draws for all ``total`` rows and keeps :meth:`cut` of the draw,
+    so that its rows get the single process's numbers and every rank's generator stays in step;
+    a term over the whole batch (a norm of the batch's embeddings, a mean over its distinct
+    patients) is computed from the whole batch's values, gathered or all-reduced
+    (docs/distributed.md)."""
+
+    start: int
+    stop: int
+    total: int
+    real: bool = True
+
+    @property
+    def rows(self) -> int:
+        """This rank's real rows of the batch (0 for a stand-in)."""
+        return self.stop - self.start if self.real else 0
+
+    def cut(self, whole: Tensor) -> Tensor:
+        """This rank's rows of a draw made for the whole batch (``total`` rows)."""
+        return whole[self.start:self.stop]
+
+
+def batch_span(n: int, d: Dist) -> tuple[Span, float]:
+    """:func:`batch_part` as a :class:`Span` of the global batch of ``n`` rows."""
+    part, factor = batch_part(n, d)
+    return Span(part.start, part.stop, n, factor > 0), factor
+
+
+def whole_batch(x: Tensor, span: Span | None, d: Dist) -> Tensor:
+    """The whole batch's values of the per-row ``x`` of this rank's part (ids, scores: no
+    gradient flows through the gather), in the global batch's order; ``x`` itself in a single
+    process."""
+    if span is None or not d.active:
+        return x
+    return gather_rows(x[:span.rows], d)
+
+
+def global_sum(x: Tensor, d: Dist) -> Tensor:
+    """``x`` summed over the ranks, detached (one all-reduce; float64 for the sum's sake)."""
+    x = x.detach()
+    if not d.active:
+        return x
+    import torch.distributed as dist
+
+    t = x.to(torch.device(d.device), torch.float64)
+    dist.all_reduce(t)
+    return t.to(x.device, x.dtype)
 
 
 def sum_across(values: dict[str, float], d: Dist) -> dict[str, float]:

@@ -65,6 +65,7 @@ from diffkg_fast.model.losses import (
 from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.rows import rows
+from diffkg_fast.utils.distributed import Span, whole_batch
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["DiffKG"]
@@ -235,6 +236,7 @@ class DiffKG(EmbeddingRecommender):
     def distribute(self, dist: Any) -> None:
         """The denoiser trains data-parallel over the KG rows and the rebuild is sharded by
         rows (:meth:`KGDiffusion.distribute`); the encoder's DDP is the trainer's."""
+        super().distribute(dist)
         if self.diffusion is not None:
             self.diffusion.distribute(dist)
 
@@ -258,35 +260,41 @@ class DiffKG(EmbeddingRecommender):
         With patient codes, a second BPR term ranks with the code representation ALONE, so that
         a patient known only by codes (held out, or new) is ranked by a trained vector."""
         kg1, kg2 = self.views()
-        users, pos, neg = batch
+        users, pos, neg, span = batch
         v1 = self.encoder(kg1, self.dropout_generator)
         # rows(), not v1.users[users]: the indexing backward sums at two threads in timing order.
         terms = bpr_loss(rows(v1.users, users), rows(v1.items, pos), rows(v1.items, neg),
                          reduce=False)
         parts = {"bpr": terms.mean().detach()}
-        bpr = controlled(self.ddi, terms, v1.users, v1.items, users, parts)
+        bpr = controlled(self.ddi, terms, v1.users, v1.items, users, parts, span=span,
+                         dist=self.dist)
         if v1.codes is not None:
             terms = bpr_loss(rows(v1.codes, users), rows(v1.items, pos), rows(v1.items, neg),
                              reduce=False)
             parts["code_bpr"] = terms.mean().detach()
-            bpr = bpr + controlled(self.ddi, terms, v1.codes, v1.items, users, parts, "code_")
+            bpr = bpr + controlled(self.ddi, terms, v1.codes, v1.items, users, parts, "code_",
+                                   span=span, dist=self.dist)
         reg = l2_reg(self.encoder.parameters(), self.reg)
         total = bpr + reg
         parts.update(reg=reg.detach(), cl=torch.zeros((), device=bpr.device))
         if self.ssl_reg > 0:
             v2 = self.encoder(kg2, self.dropout_generator)
-            cl = (self._info_nce(v1.users, v2.users, users)
-                  + self._info_nce(v1.items, v2.items, pos))
+            cl = (self._info_nce(v1.users, v2.users, users, span)
+                  + self._info_nce(v1.items, v2.items, pos, span))
             total = total + self.ssl_reg * cl
             parts["cl"] = cl.detach()
         return total, parts
 
-    def _info_nce(self, view1: Tensor, view2: Tensor, nodes: Tensor) -> Tensor:
+    def _info_nce(self, view1: Tensor, view2: Tensor, nodes: Tensor, span: Span | None,
+                  ) -> Tensor:
         """InfoNCE of ``nodes`` by ``cl_mode``. ``"sampled"`` on a side of at most
-        ``cl_negatives`` nodes takes the exact denominator: a sample that large costs more."""
+        ``cl_negatives`` nodes takes the exact denominator: a sample that large costs more.
+        ``"in_batch"`` is over the whole batch's distinct nodes, gathered from the ranks in a
+        data-parallel step: a term of the whole batch, the same on every rank."""
         n = view2.shape[0]
         if self.cl_mode == "in_batch":
-            return info_nce_in_batch(view1, view2, nodes, self.temp)
+            return info_nce_in_batch(view1, view2, whole_batch(nodes, span, self.dist),
+                                     self.temp)
         if self.cl_mode == "all" or n <= self.cl_negatives:
             return info_nce(view1, view2, nodes, self.temp)
         neg = torch.randint(n, (self.cl_negatives,), generator=self.cl_generator)
