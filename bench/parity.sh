@@ -21,6 +21,8 @@ while [ $# -gt 0 ]; do
 done
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(MultiVAE CDAE DiffRec KGAT KGIN KGCN)
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd)
 export OMP_NUM_THREADS=1
 if [ ! -d "$OUT/data/synthetic" ]; then
     diffkg-fast data build --source synthetic --out "$OUT/default.npz" > /dev/null
@@ -34,10 +36,11 @@ for model in "${MODELS[@]}"; do
     for seed in $SEEDS; do
         if ! grep -qs "\"model\": \"$model\", \"seed\": $seed," "$OUT/recbole.jsonl"; then
             # shellcheck disable=SC2086
-            "$RB_PY" bench/recbole_parity.py --data "$OUT/data" --model "$model" --seed "$seed" \
-                --out "$OUT/recbole.jsonl" --set epochs=300 --set stopping_step=10 \
-                --set train_batch_size=2048 --set learning_rate=0.001 ${RB_SETS[$model]:-} \
-                > "$OUT/recbole-$model-$seed.log" 2>&1
+            # In OUT: RecBole writes its log/ and log_tensorboard/ folders where it runs.
+            (cd "$OUT" && "$RB_PY" "$HERE/recbole_parity.py" --data "$OUT/data" \
+                --model "$model" --seed "$seed" --out "$OUT/recbole.jsonl" --set epochs=300 \
+                --set stopping_step=10 --set train_batch_size=2048 --set learning_rate=0.001 \
+                ${RB_SETS[$model]:-} > "$OUT/recbole-$model-$seed.log" 2>&1)
         fi
     done
 done

@@ -2,9 +2,10 @@
 reference side of the parity runs in ``docs/parity.md``.
 
 Runs in a separate, throwaway virtual environment, never in the project's: RecBole pins an old
-stack (numpy < 2, scipy < 1.12, pandas < 2.3, setuptools < 70) and its KGIN imports
-torch_scatter, which has no build for current torch (a small stand-in is written on first use,
-below). RecBole never becomes a dependency of the project::
+stack (numpy < 2, scipy < 1.12, pandas < 2.3, setuptools < 70), its KGIN imports
+torch_scatter and its KGAT DGL, neither of which has a build for current torch (small stand-ins
+for the calls RecBole makes are written on first use, below). RecBole never becomes a
+dependency of the project::
 
     python3 -m venv /tmp/recbole && /tmp/recbole/bin/pip install torch==2.13.0
     /tmp/recbole/bin/pip install recbole==1.2.1 "numpy<2" "scipy<1.12" "pandas<2.3" "setuptools<70"
@@ -53,15 +54,60 @@ def scatter_sum(src, index, dim=0, dim_size=None):
 '''
 
 
+# KGAT builds its collaborative KG with dgl.graph((src, dst)), sets edata["relation_id"], and
+# per relation takes filter_edges(...) -> edge_subgraph(..., preserve_nodes=True) ->
+# adjacency_matrix(transpose=False, scipy_fmt="coo"): rows the sources, columns the
+# destinations, one entry per edge (DGL's documented layout), N = the graph's node count.
+_DGL = '''
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class _Edges:
+    def __init__(self, data):
+        self.data = data
+
+
+class _Graph:
+    def __init__(self, src, dst, n):
+        self.src, self.dst, self.n = torch.as_tensor(src), torch.as_tensor(dst), n
+        self.edata = {}
+
+    def filter_edges(self, predicate):
+        return torch.nonzero(predicate(_Edges(self.edata)), as_tuple=False).flatten()
+
+    def adjacency_matrix(self, transpose=False, scipy_fmt="coo"):
+        rows, cols = (self.dst, self.src) if transpose else (self.src, self.dst)
+        m = sp.coo_matrix((np.ones(len(rows)), (rows.numpy(), cols.numpy())),
+                          shape=(self.n, self.n))
+        return m.asformat(scipy_fmt)
+
+
+def graph(edges, num_nodes=None):
+    src, dst = (torch.as_tensor(e) for e in edges)
+    n = int(max(src.max(), dst.max())) + 1 if num_nodes is None else num_nodes
+    return _Graph(src, dst, n)
+
+
+def edge_subgraph(g, edges, preserve_nodes=True):
+    assert preserve_nodes, "the stand-in keeps every node, as RecBole's KGAT asks"
+    edges = torch.as_tensor(edges)
+    sub = _Graph(g.src[edges], g.dst[edges], g.n)
+    sub.edata = {k: v[edges] for k, v in g.edata.items()}
+    return sub
+'''
+
+
 def _stand_ins() -> None:
-    """Make ``import torch_scatter`` find the stand-in above (a temporary module path)."""
-    try:
-        import torch_scatter  # noqa: F401
-        return
-    except ImportError:
-        pass
+    """Make ``import torch_scatter`` and ``import dgl`` find the stand-ins above (a temporary
+    module path), each only where the real package is missing."""
     folder = Path(tempfile.mkdtemp(prefix="recbole_stand_ins_"))
-    (folder / "torch_scatter.py").write_text(_TORCH_SCATTER)
+    for name, text in (("torch_scatter", _TORCH_SCATTER), ("dgl", _DGL)):
+        try:
+            __import__(name)
+        except ImportError:
+            (folder / f"{name}.py").write_text(text)
     sys.path.insert(0, str(folder))
 
 
