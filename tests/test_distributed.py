@@ -171,6 +171,16 @@ def _train_worker(rank: int, world: int, out: str) -> None:
         m.diffusion.generators["rebuild"].manual_seed(11)
         res["rebuild"] = m.diffusion.rebuild().to_triplets()
         res["eval"] = evaluate_split(m, ds, "test", batch_size=37, sets=dk.sets, dist=d)
+        # DiffKG with its denoiser sharded (FSDP), writing a run folder that one process resumes.
+        fs = train(ds, _cfg("diffkg", epoch=2, denoiser_sharding="fsdp"), log=_silent,
+                   out_dir=Path(out) / "fsdp-run")
+        state = fs.model.state_dict()  # every rank: the full tensors are gathered collectively
+        den = fs.model.diffusion.denoiser  # type: ignore[union-attr]
+        res["fsdp"] = {"state": state, "history": fs.history,
+                       "shard_rows": {k: tuple(p.to_local().shape) for k, p in
+                                      den.named_parameters()},
+                       "adam_rows": {k: tuple(v["exp_avg"].to_local().shape) for k, v in
+                                     fs.model.diffusion.opt.state_dict()["state"].items()}}
         # Every other trainable model, each with what makes its loss more than a per-row mean.
         for key, (name, kw) in EVERY_MODEL.items():
             res[key] = train(_ds(), _cfg(name, **kw), log=_silent).model.state_dict()
@@ -192,6 +202,7 @@ def ranks(tmp_path_factory):
     res = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in range(2):
         res[r]["exit"] = codes[r]
+        res[r]["fsdp_run"] = tmp / "fsdp-run"
         path = tmp / f"dying{r}.json"
         res[r]["dying"] = json.loads(path.read_text()) if path.exists() else None
     return res
@@ -246,6 +257,38 @@ def test_every_model_two_ranks_follow_one_process(ranks, key) -> None:
     _assert_same_ranks(ranks[0][key], ranks[1][key])
     one = train(_ds(), _cfg(name, **kw), log=_silent).model.state_dict()
     assert _max_diff(ranks[0][key], one) < ATOL
+
+
+def test_fsdp_denoiser_is_sharded_and_follows_one_process(ranks, tmp_path) -> None:
+    """``denoiser_sharding="fsdp"``: each rank holds half of every denoiser weight's rows and of
+    Adam's moments; the run is DDP's (the single process's, to rounding), its checkpoint holds
+    full tensors, and one process resumes it where two left off."""
+    import shutil
+
+    two = ranks[0]["fsdp"]
+    _assert_same_ranks(two["state"], ranks[1]["fsdp"]["state"])
+    model = DiffKG.from_dataset(_ds("visit"), **_cfg("diffkg").model_options())
+    assert model.diffusion is not None
+    full = dict(model.diffusion.denoiser.named_parameters())
+    for k, shape in two["shard_rows"].items():
+        rows = full[k].shape[0]
+        assert shape[0] == -(-rows // 2) and shape[1:] == full[k].shape[1:], k  # rank 0's half
+    assert len(two["adam_rows"]) == len(full)
+    for (k, p), shape in zip(full.items(), two["adam_rows"].values(), strict=True):
+        assert shape[0] == -(-p.shape[0] // 2), k
+    one = train(_ds("visit"), _cfg("diffkg", epoch=2), log=_silent)
+    assert _max_diff(two["state"], one.model.state_dict()) < ATOL
+    kg = two["state"]["_extra_state"]["kg_denoised"]
+    assert torch.equal(kg, one.model.state_dict()["_extra_state"]["kg_denoised"])
+    for h2, h1 in zip(two["history"], one.history, strict=True):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
+    # The run folder of the two ranks, resumed for a third epoch by one process.
+    run = tmp_path / "run"
+    shutil.copytree(ranks[0]["fsdp_run"], run)
+    resumed = train(_ds("visit"), _cfg("diffkg", epoch=3, denoiser_sharding="fsdp"),
+                    log=_silent, out_dir=run, resume=True)
+    straight = train(_ds("visit"), _cfg("diffkg", epoch=3), log=_silent)
+    assert _max_diff(resumed.model.state_dict(), straight.model.state_dict()) < ATOL
 
 
 def test_sharded_rebuild_is_the_single_process_rebuild(ranks) -> None:

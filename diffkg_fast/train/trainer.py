@@ -323,8 +323,10 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
         log(epoch_line(record, metric))
         if record["val"]:
             run.selection.update(epoch, record["val"], run.model.scoring_state)
+        # Taken on every rank: a sharded model gathers its full tensors collectively.
+        state = run.state(epoch, fingerprint) if folder is not None or d.active else None
         if folder is not None:  # the checkpoint first: the log never runs ahead of it
-            folder.save_checkpoint(run.state(epoch, fingerprint))
+            folder.save_checkpoint(state)
             folder.write_config(config.to_dict())
             folder.write_log(run.history)
         if run.selection.stopped:

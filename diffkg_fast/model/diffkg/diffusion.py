@@ -42,6 +42,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from diffkg_fast.model.diffkg.sharding import SHARDINGS, full_state, gathered, shard
 from diffkg_fast.ops.diffusion import (
     Denoiser,
     DiffusionSchedule,
@@ -94,10 +95,14 @@ class KGDiffusion(nn.Module):
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
                  diffusion_passes: int = 1, diffusion_mode: str = "exact",
-                 diffusion_negatives: int = 256, seed: int = 421,
-                 init: torch.Generator | None = None) -> None:
+                 diffusion_negatives: int = 256, denoiser_sharding: str = "replicate",
+                 seed: int = 421, init: torch.Generator | None = None) -> None:
         super().__init__()
         check_mode(diffusion_mode, diffusion_negatives, kg.n_entities, diffusion_precision)
+        if denoiser_sharding not in SHARDINGS:
+            raise ValueError(f"denoiser_sharding must be one of {SHARDINGS}, got "
+                             f"{denoiser_sharding!r}")
+        self.sharding = denoiser_sharding
         dev = kg.rowptr.device
         self.kg, self.n_items = kg, n_items
         self.steps, self.sampling_steps, self.rebuild_k = steps, sampling_steps, rebuild_k
@@ -119,6 +124,9 @@ class KGDiffusion(nn.Module):
         self.generators = {name: rng_stream(seed, name) for name in ("diffusion", "rebuild")}
         self.dist = Dist()
         self._ddp: nn.Module | None = None
+        self._plain: Denoiser | None = None  # the gathered denoiser of this epoch (sharding.py)
+        # Checkpoints hold full tensors whatever the sharding (sharding.full_state).
+        self._register_state_dict_hook(_full_tensors)
 
     def distribute(self, dist: Dist) -> None:
         """Train the denoiser data-parallel and shard the rebuild over ``dist``'s ranks (module
@@ -128,16 +136,38 @@ class KGDiffusion(nn.Module):
             raise ValueError("diffusion_mode='sampled' does not run data-parallel yet: use "
                              "diffusion_mode='exact' with torchrun, or one process")
         self.dist = dist
-        if dist.active:
+        if dist.active and self.sharding == "fsdp":
+            self.opt = shard(self.denoiser, self.opt, dist)
+        elif dist.active:
             # Kept out of the module tree (object.__setattr__): a DDP holding self, registered
             # in self, would make state_dict() recurse.
             object.__setattr__(self, "_ddp", ddp(self, dist))
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the denoiser's weights are split over the ranks (``denoiser_sharding``)."""
+        return self.dist.active and self.sharding == "fsdp"
+
+    def plain_denoiser(self) -> Denoiser:
+        """The denoiser with its full weights, for passes without gradients (the rebuild, the
+        quality measures): gathered once after each training pass when sharded (a
+        collective: every rank asks at the same point), else the denoiser itself."""
+        if not self.sharded:
+            return self.denoiser
+        if self._plain is None:
+            # Out of the module tree (object.__setattr__): a copy, not part of the state.
+            object.__setattr__(self, "_plain", gathered(self.denoiser))
+        assert self._plain is not None
+        return self._plain
+
     def forward(self, x0: Tensor, t: Tensor, noise: Tensor, r_t_u: Tensor, ent_rows: Tensor,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The diffusion + CKGC loss of one batch of KG rows (``x0``: B × E)."""
+        """The diffusion + CKGC loss of one batch of KG rows (``x0``: B × E). Sharded, through
+        the reference loss: it calls the denoiser as a module, where FSDP gathers the weights
+        (the fused kernels read them directly)."""
+        backend = "reference" if self.sharded else "auto"
         return diffusion_loss(self.denoiser, x0, t, noise, self.schedule, self.n_items, r_t_u,
-                              ent_rows, self.e_loss, precision=self.precision)
+                              ent_rows, self.e_loss, backend=backend, precision=self.precision)
 
     @property
     def sampled(self) -> bool:
@@ -155,6 +185,7 @@ class KGDiffusion(nn.Module):
         a step; the first ``limit`` batches only, for benchmarks) against the tables ``user``
         (U × d) and ``entity`` (N × d); returns the mean loss parts."""
         sums = {"diff_loss": 0.0, "diff": 0.0, "ckgc": 0.0}
+        self._plain = None  # the weights move
         n_batches = 0
         for _ in range(self.passes):
             n_batches += self._one_pass(user, entity, limit, sums)
@@ -214,7 +245,6 @@ class KGDiffusion(nn.Module):
         process's order (the stream, then torch's global generator as the loss would), so every
         rank's generators stay in step with the single process's and its rows get the single
         process's draws: the draws are repeated on every rank, the GEMMs are divided."""
-        assert self._ddp is not None
         kg, den = self.kg, self.denoiser
         part, factor = batch_part(rows.numel(), self.dist)
         # A stand-in with the batch's shape, dtype and device and no storage.
@@ -229,7 +259,8 @@ class KGDiffusion(nn.Module):
         x0 = kg_rows(kg.rowptr, kg.col, rows[part], kg.n_entities)
         den.preset_mask = mask
         try:
-            loss, parts = self._ddp(x0, t[part], noise, r_t_u, ent[rows[part]])
+            step = self if self._ddp is None else self._ddp  # FSDP's hooks are in the denoiser
+            loss, parts = step(x0, t[part], noise, r_t_u, ent[rows[part]])
         finally:
             den.preset_mask = None
         return loss, parts, factor
@@ -241,13 +272,14 @@ class KGDiffusion(nn.Module):
         ``limit`` (benchmarks): denoise only the first ``limit`` batches of rows."""
         kg, gen = self.kg, self.generators["rebuild"]
         self.denoiser.eval()
+        den = self.plain_denoiser()
         rows = self.rows if limit is None else self.rows[:limit * self.batch]
         if self.dist.active and self.sampling_steps == 0:
-            idx = self._sharded_topk(rows)
+            idx = self._sharded_topk(den, rows)
         else:
             # With sampling_steps > 0 each batch's start noise comes from the stream in batch
             # order, so a rank could not draw its batches' alone: every rank denoises all rows.
-            _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows, self.schedule,
+            _, idx = sample_topk(den, kg.rowptr, kg.col, rows, self.schedule,
                                  self.rebuild_k, batch_size=self.batch,
                                  sampling_steps=self.sampling_steps, generator=gen,
                                  precision=self.precision)
@@ -256,7 +288,7 @@ class KGDiffusion(nn.Module):
                                n_entities=kg.n_entities)
         return KGCSR.from_triplets(torch.stack((h, rel, t), 1), kg.n_entities, kg.n_relations)
 
-    def _sharded_topk(self, rows: Tensor) -> Tensor:
+    def _sharded_topk(self, den: Denoiser, rows: Tensor) -> Tensor:
         """The rebuild's top-k columns of ``rows``: each rank denoises a block of the
         ``batch``-row batches (the single process's batches, so the same bits), all gathered
         in order. No random draw (``sampling_steps = 0``)."""
@@ -264,7 +296,7 @@ class KGDiffusion(nn.Module):
         mine = block(-(-rows.numel() // self.batch), self.dist)
         lo, hi = mine.start * self.batch, min(mine.stop * self.batch, rows.numel())
         if hi > lo:
-            _, idx = sample_topk(self.denoiser, kg.rowptr, kg.col, rows[lo:hi], self.schedule,
+            _, idx = sample_topk(den, kg.rowptr, kg.col, rows[lo:hi], self.schedule,
                                  self.rebuild_k, batch_size=self.batch, sampling_steps=0,
                                  precision=self.precision)
         else:  # fewer batches than ranks
@@ -272,7 +304,7 @@ class KGDiffusion(nn.Module):
         return gather_rows(idx, self.dist)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(),
+        return {"optimizer": full_state(self.opt.state_dict()),
                 "generators": {k: g.get_state() for k, g in self.generators.items()}}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -282,6 +314,13 @@ class KGDiffusion(nn.Module):
                              f"expected {sorted(self.generators)}")
         for name, g in self.generators.items():
             g.set_state(state["generators"][name])
+
+
+def _full_tensors(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """``state_dict`` hook: a sharded denoiser's weights as full tensors (sharding.full_state)."""
+    for k, v in state.items():
+        if k.startswith(prefix):
+            state[k] = full_state(v)
 
 
 def check_mode(mode: str, negatives: int, n_entities: int, precision: str = "fp32") -> None:

@@ -55,6 +55,7 @@ from diffkg_fast.model.ddi_loss import DDILoss, controlled, ddi_pairs_of, set_si
 from diffkg_fast.model.diffkg.diffusion import DIFFUSION_MODES, KGDiffusion, check_mode
 from diffkg_fast.model.diffkg.encoder import KGEncoder
 from diffkg_fast.model.diffkg.quality import KGQuality
+from diffkg_fast.model.diffkg.sharding import SHARDINGS
 from diffkg_fast.model.losses import (
     bpr_loss,
     info_nce,
@@ -106,6 +107,7 @@ class DiffKG(EmbeddingRecommender):
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", diffusion_passes: int = 1,
                  diffusion_mode: str = "exact", diffusion_negatives: int = 256,
+                 denoiser_sharding: str = "replicate",
                  cl_mode: str = "all", cl_negatives: int = 1024,
                  ddi_loss: bool = False, target_ddi: float = 0.06, kp: float = 0.05,
                  ddi_scale: float = 5e-4,
@@ -142,7 +144,8 @@ class DiffKG(EmbeddingRecommender):
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
             batch=batch, diffusion_passes=diffusion_passes, diffusion_mode=diffusion_mode,
-            diffusion_negatives=diffusion_negatives, seed=seed, init=init)
+            diffusion_negatives=diffusion_negatives, denoiser_sharding=denoiser_sharding,
+            seed=seed, init=init)
         self.quality = None if not use_diffusion else KGQuality(self.kg_full, seed)
         if ddi_loss and ddi_pairs is None:
             raise ValueError("ddi_loss=True needs ddi_pairs (the KG's 'ddi' relation)")
@@ -172,7 +175,8 @@ class DiffKG(EmbeddingRecommender):
                           "noise_min", "noise_max", "seed", "ddi_scale"),
             unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout", "target_ddi"),
             choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS,
-                     "diffusion_mode": DIFFUSION_MODES, "cl_mode": CL_MODES})
+                     "diffusion_mode": DIFFUSION_MODES, "cl_mode": CL_MODES,
+                     "denoiser_sharding": SHARDINGS})
         for name in ("diffusion_negatives", "cl_negatives"):
             v = options.get(name, 1)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -245,7 +249,7 @@ class DiffKG(EmbeddingRecommender):
         assert self.diffusion is not None and self.quality is not None
         d = self.diffusion
         return {"rebuild_precision": self.quality.precision(*d.last_picks),
-                **self.quality.mask_recovery(d.denoiser, d.schedule, d.sampling_steps)}
+                **self.quality.mask_recovery(d.plain_denoiser(), d.schedule, d.sampling_steps)}
 
     # ------------------------------------------------------------------ training
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
