@@ -4,7 +4,7 @@
 # GPU test, then every GPU benchmark with --benchmark-json, and writes a summary table last; all
 # under OUTDIR (env.txt, install.log, gpu-tests.txt, bench.txt, bench-*.json, summary.md, and
 # multi-gpu.txt), within 9 minutes on one GPU (each step has its own time limit; a failing step
-# is recorded and the next one runs); with several GPUs the multi-GPU step adds up to 5 minutes.
+# is recorded and the next one runs); with several GPUs the multi-GPU step adds up to 8 minutes.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -63,20 +63,25 @@ for b in attention:80 spmm:90 diffusion:100; do
 done
 
 # Data-parallel training (docs/distributed.md), only where more than one GPU is visible: DiffKG
-# on the default medication cohort for 2 epochs on 1 GPU and on all of them (NCCL, one rank per
-# GPU), the epoch lines of both, and the largest parameter difference between the two runs'
-# checkpoints (the same batches: float reduction order only, expected ~1e-6 or less).
+# on the default medication cohort for 2 epochs on 1 GPU, on all of them (NCCL, one rank per
+# GPU), and on all of them with the denoiser sharded (FSDP), the epoch lines of each, and the
+# largest parameter difference between the 1-GPU run's checkpoint and each other's (the same
+# batches: float reduction order only, expected ~1e-6 or less).
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "${NGPU:-0}" -gt 1 ]; then
-    step "multi-GPU: torchrun on 1 and $NGPU GPUs" | tee "$OUT/multi-gpu.txt"
-    for n in 1 "$NGPU"; do
+    step "multi-GPU: torchrun on 1 and $NGPU GPUs, and $NGPU with FSDP" | tee "$OUT/multi-gpu.txt"
+    for run in 1:replicate "$NGPU":replicate "$NGPU":fsdp; do
+        n=${run%%:*}; shard=${run##*:}
         timeout -s INT -k 15 150 "$PY" -m torch.distributed.run --standalone \
             --nproc_per_node="$n" -m diffkg_fast train --device cuda --epoch 2 --no-progress \
-            --no-plot --out "$OUT/dist-$n" >"$OUT/dist-$n.txt" 2>&1
-        echo "torchrun --nproc_per_node=$n exit $?" | tee -a "$OUT/multi-gpu.txt"
-        grep -E "^epoch|^data-parallel" "$OUT/dist-$n.txt" | tee -a "$OUT/multi-gpu.txt"
+            --no-plot --set denoiser_sharding="$shard" --out "$OUT/dist-$n-$shard" \
+            >"$OUT/dist-$n-$shard.txt" 2>&1
+        echo "torchrun --nproc_per_node=$n denoiser_sharding=$shard exit $?" \
+            | tee -a "$OUT/multi-gpu.txt"
+        grep -E "^epoch|^data-parallel" "$OUT/dist-$n-$shard.txt" | tee -a "$OUT/multi-gpu.txt"
     done
-    "$PY" - "$OUT/dist-1" "$OUT/dist-$NGPU" >>"$OUT/multi-gpu.txt" 2>&1 <<'PY'
+    for other in "dist-$NGPU-replicate" "dist-$NGPU-fsdp"; do
+        "$PY" - "$OUT/dist-1-replicate" "$OUT/$other" >>"$OUT/multi-gpu.txt" 2>&1 <<'PY'
 import sys, torch
 a, b = (torch.load(f"{d}/checkpoint.pt", map_location="cpu", weights_only=False)["model"]
         for d in sys.argv[1:3])
@@ -84,7 +89,8 @@ diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a
            if torch.is_tensor(a[k]) and a[k].is_floating_point() and a[k].numel())
 print(f"max |parameter difference| 1 GPU vs {sys.argv[2]}: {diff:.3g}")
 PY
-    tail -1 "$OUT/multi-gpu.txt"
+        tail -1 "$OUT/multi-gpu.txt"
+    done
 else
     echo "multi-GPU: skipped ($NGPU GPU visible; it needs 2 or more)" | tee "$OUT/multi-gpu.txt"
 fi
