@@ -148,44 +148,23 @@ def _build(ds: KGDataset, config: RunConfig) -> _Run:
 
 
 def _batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, float]:
-    """The epoch's batch loop; the mean loss parts."""
-    assert run.sampler is not None and run.optimizer is not None
-    if run.dist.active:
-        return _part_batches(run, epoch, limit, show)
-    neg = run.sampler.negatives()
-    run.model.train()
-    total = min(len(run.sampler), limit) if limit else len(run.sampler)
-    sums: dict[str, float] = {"total": 0.0}
-    n_steps = 0
-    for batch in progress(run.sampler.batches(neg, limit), total, f"epoch {epoch}", show):
-        loss, parts = run.model(batch.to(run.cfg.device))
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        sums["total"] += float(loss.detach())
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n_steps += 1
-    return {k: v / max(n_steps, 1) for k, v in sums.items()}
-
-
-def _part_batches(run: _Run, epoch: int, limit: int | None, show: bool) -> dict[str, float]:
-    """:func:`_batches` on one rank of several: this rank's part of every global batch, its
-    loss scaled by the part's factor (``batch_part``) through the DDP wrapper; the logged loss
-    parts are the global batches' (each rank adds ``factor / W`` of its own, summed over ranks
-    once per epoch)."""
+    """The epoch's batch loop; the mean loss parts. On one rank of several: this rank's part of
+    every global batch, its loss scaled by the part's factor (``batch_part``) through the DDP
+    wrapper, and the logged parts the global batches' (each rank adds ``factor / W`` of its
+    own, summed over ranks once per epoch)."""
     assert run.sampler is not None and run.optimizer is not None and run.step is not None
     d = run.dist
     neg = run.sampler.negatives()
+    parts_of = (run.sampler.part_batches(neg, d, limit) if d.active
+                else ((b, 1.0) for b in run.sampler.batches(neg, limit)))
     run.model.train()
     total = min(len(run.sampler), limit) if limit else len(run.sampler)
     sums: dict[str, float] = {"total": 0.0}
     n_steps = 0
-    for batch, factor in progress(run.sampler.part_batches(neg, d, limit), total,
-                                  f"epoch {epoch}", show):
+    for batch, factor in progress(parts_of, total, f"epoch {epoch}", show):
         loss, parts = run.step(batch.to(run.cfg.device))
         run.optimizer.zero_grad(set_to_none=True)
-        (loss * factor).backward()
+        (loss * factor if d.active else loss).backward()
         run.optimizer.step()
         share = factor / d.world
         sums["total"] += share * float(loss.detach())
