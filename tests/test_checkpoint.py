@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from trainer_checks import same_state
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.train import train
@@ -42,16 +43,6 @@ def _cfg(**kw) -> RunConfig:
     return make_config(**{k: v for k, v in base.items() if k in keys})
 
 
-def _same(a, b) -> bool:
-    """Equal states: tensors bitwise, containers element by element."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
 
 @pytest.fixture(scope="module")
 def ds():
@@ -76,7 +67,7 @@ def _assert_same_run(a, b) -> None:
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert _same(sa[k], sb[k]), k
+        assert same_state(sa[k], sb[k]), k
     assert a.best_epoch == b.best_epoch
     assert a.val == b.val and a.test == b.test
     for ha, hb in zip(a.history, b.history, strict=True):

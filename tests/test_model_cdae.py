@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly, quiet
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import CDAE, MODELS, Patients, UserBatch
@@ -22,12 +23,6 @@ ACT = {"sigmoid": lambda v: 1 / (1 + math.exp(-v)), "relu": lambda v: max(v, 0.0
        "tanh": math.tanh}
 
 
-class Crash(Exception):
-    pass
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def _toy_train() -> sp.csr_matrix:
@@ -214,41 +209,17 @@ def _cfg(**kw):
 
 
 def test_trainer_learns_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    b = train(ds, _cfg(), log=_quiet)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert [h["val"] for h in a.history] == [h["val"] for h in b.history]
-    losses = [h["loss"]["bce"] for h in a.history]
-    assert losses[-1] < losses[0]
-    recall = [h["val"]["recall@20"] for h in a.history]
-    assert max(recall[1:]) > recall[0]
-    c = train(ds, _cfg(seed=8), log=_quiet)
-    assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
+    assert_learns_and_is_seeded(ds, _cfg(), "bce", _cfg(seed=8))
 
 
 def test_resume_is_bitwise_equal(ds, tmp_path) -> None:
-    cfg = _cfg()
-    want = train(ds, cfg, log=_quiet, out_dir=tmp_path / "a")
-
-    def crash(line: str) -> None:
-        if line.startswith("epoch 2 "):
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(ds, cfg, log=crash, out_dir=tmp_path / "b")
-    got = train(ds, cfg, log=_quiet, out_dir=tmp_path / "b", resume=True)
-    assert [h["loss"] for h in got.history] == [h["loss"] for h in want.history]
-    assert got.val == want.val and got.test == want.test
-    sa, sb = want.model.state_dict(), got.model.state_dict()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
+    assert_resumes_exactly(ds, _cfg(), tmp_path)
 
 
 def test_visit_split_ignores_the_untrained_nodes_of_held_out_patients() -> None:
     dsv = build_dataset("synthetic", n_patients=200, n_diag=120, n_proc=60, n_med=40, seed=0,
                         split="visit")
-    res = train(dsv, _cfg(epoch=2), log=_quiet)
+    res = train(dsv, _cfg(epoch=2), log=quiet)
     assert 0.0 < res.val["med_jaccard"] < 1.0
     m = res.model
     unseen = torch.from_numpy(np.flatnonzero(np.diff(dsv.train.indptr) == 0))

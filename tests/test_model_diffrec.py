@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import DiffRec, Patients, UserBatch
@@ -17,12 +18,7 @@ from diffkg_fast.ops import backend as backend_mod
 from diffkg_fast.ops.diffusion import time_embedding
 from diffkg_fast.ops.diffusion_importance import ImportanceSampler
 from diffkg_fast.ops.graph import torch_csr
-from diffkg_fast.train import train
 from diffkg_fast.train.config import config_defaults, make_config
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def toy_train() -> sp.csr_matrix:
@@ -221,33 +217,11 @@ def _cfg(**kw):
 
 
 def test_training_improves_validation_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    assert a.history[-1]["loss"]["diff"] < a.history[0]["loss"]["diff"]
-    assert a.history[-1]["val"]["recall@20"] > a.history[0]["val"]["recall@20"]
+    a = assert_learns_and_is_seeded(ds, _cfg(), "diff", _cfg(seed=6))
     # History 40 a step, 150 users an epoch: importance sampling starts in epoch 1.
     assert [h["info"]["importance"] for h in a.history] == [False, True, True]
-    b = train(ds, _cfg(), log=_quiet)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert a.val == b.val and a.test == b.test
-    c = train(ds, _cfg(seed=6), log=_quiet)
-    assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
 
 
 def test_resume_is_bitwise_equal(ds, tmp_path) -> None:
-    """Crashed after epoch 0 (loss history part full) and resumed = the straight run."""
-    want = train(ds, _cfg(), log=_quiet, out_dir=tmp_path / "a")
-
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1 "):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(ds, _cfg(), log=crash, out_dir=tmp_path / "b")
-    got = train(ds, _cfg(), log=_quiet, out_dir=tmp_path / "b", resume=True)
-    for ha, hb in zip(want.history, got.history, strict=True):
-        assert ha["loss"] == hb["loss"] and ha["val"] == hb["val"]
-    sa, sb = want.model.state_dict(), got.model.state_dict()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
-    assert want.test == got.test
+    """Crashed in epoch 1 (the loss history part full) and resumed = the straight run."""
+    assert_resumes_exactly(ds, _cfg(), tmp_path, crash_at=1)

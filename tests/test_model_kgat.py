@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly, quiet
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import KGAT, MODELS, PairBatch
@@ -299,41 +300,21 @@ def _cfg(**kw):
     return make_config(**base)
 
 
-def _quiet(_: str) -> None:
-    pass
-
 
 def test_training_improves_validation_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    b = train(ds, _cfg(), log=_quiet)
-    recall = [h["val"]["recall@20"] for h in a.history]
-    assert recall[-1] > recall[0]
-    assert a.history[-1]["loss"]["bpr"] < a.history[0]["loss"]["bpr"]
+    a = assert_learns_and_is_seeded(ds, _cfg(), "bpr", _cfg(seed=3))
     assert a.history[-1]["loss"]["kg"] < a.history[0]["loss"]["kg"]
-    for ha, hb in zip(a.history, b.history, strict=True):
-        assert ha["loss"] == hb["loss"] and ha["val"] == hb["val"]
-    c = train(ds, _cfg(seed=3), log=_quiet)
-    assert c.history[0]["loss"] != a.history[0]["loss"]
 
 
 def test_resume_equals_an_uninterrupted_run(ds, tmp_path) -> None:
-    want = train(ds, _cfg(), log=_quiet, out_dir=tmp_path / "a")
-    train(ds, _cfg(epoch=2), log=_quiet, out_dir=tmp_path / "b")
-    got = train(ds, _cfg(), log=_quiet, out_dir=tmp_path / "b", resume=True)
-    assert [h["loss"] for h in got.history] == [h["loss"] for h in want.history]
-    assert [h["val"] for h in got.history] == [h["val"] for h in want.history]
-    sa, sb = want.model.state_dict(), got.model.state_dict()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
-    assert want.test == got.test
+    assert_resumes_exactly(ds, _cfg(), tmp_path)
 
 
 def test_visit_split_is_refused() -> None:
     ds_visit = build_dataset("synthetic", n_patients=150, n_diag=200, n_proc=100, n_med=40,
                              seed=0, split="visit")
     with pytest.raises(SelectionError, match="cannot score a patient without training"):
-        train(ds_visit, _cfg(epoch=1), log=_quiet)
+        train(ds_visit, _cfg(epoch=1), log=quiet)
 
 
 def test_propagation_runs_the_spmm_kernel_when_available(monkeypatch) -> None:

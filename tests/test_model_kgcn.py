@@ -8,11 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import PairBatch
 from diffkg_fast.model.kgcn import KGCN, sample_neighbourhood
-from diffkg_fast.train import make_config, train
+from diffkg_fast.train import make_config
 
 U, N_ITEMS, N_ENT, R = 7, 5, 10, 3
 
@@ -222,21 +223,10 @@ def _cfg(**kw):
     return make_config(**{**base, **kw})
 
 
-def _quiet(_: str) -> None:
-    pass
-
 
 def test_trains_improves_validation_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    assert a.history[-1]["loss"]["bce"] < a.history[0]["loss"]["bce"]
-    assert a.history[-1]["val"]["recall@20"] > a.history[0]["val"]["recall@20"]
-    b = train(ds, _cfg(), log=_quiet)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history] and a.test == b.test
+    assert_learns_and_is_seeded(ds, _cfg(), "bce", _cfg(seed=4))
 
 
 def test_resume_continues_exactly(ds, tmp_path) -> None:
-    whole = train(ds, _cfg(epoch=2), log=_quiet)
-    train(ds, _cfg(epoch=1), log=_quiet, out_dir=tmp_path)
-    resumed = train(ds, _cfg(epoch=2), log=_quiet, out_dir=tmp_path, resume=True)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
-    assert resumed.test == whole.test
+    assert_resumes_exactly(ds, _cfg(), tmp_path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly, quiet
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import PairBatch
@@ -252,28 +253,17 @@ def _cfg(**kw):
     return make_config(**{**base, **kw})
 
 
-def _quiet(_: str) -> None:
-    pass
-
 
 def test_trains_improves_validation_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    assert a.history[-1]["loss"]["bpr"] < a.history[0]["loss"]["bpr"]
-    assert a.history[-1]["val"]["recall@20"] > a.history[0]["val"]["recall@20"]
-    b = train(ds, _cfg(), log=_quiet)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history] and a.test == b.test
+    assert_learns_and_is_seeded(ds, _cfg(), "bpr", _cfg(seed=4))
 
 
 def test_resume_continues_exactly(ds, tmp_path) -> None:
-    whole = train(ds, _cfg(epoch=2), log=_quiet)
-    train(ds, _cfg(epoch=1), log=_quiet, out_dir=tmp_path)
-    resumed = train(ds, _cfg(epoch=2), log=_quiet, out_dir=tmp_path, resume=True)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
-    assert resumed.test == whole.test
+    assert_resumes_exactly(ds, _cfg(), tmp_path)
 
 
 def test_refused_on_the_visit_split() -> None:
     visit = build_dataset("synthetic", n_patients=150, n_diag=300, n_proc=150, n_med=60,
                           seed=0, split="visit")
     with pytest.raises(Exception, match="cannot score a patient without training"):
-        train(visit, _cfg(epoch=1), log=_quiet)
+        train(visit, _cfg(epoch=1), log=quiet)

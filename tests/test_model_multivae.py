@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from trainer_checks import assert_learns_and_is_seeded, assert_resumes_exactly, quiet
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model import MODELS, MultiVAE, Patients, UserBatch
@@ -19,12 +20,6 @@ from diffkg_fast.train.config import make_config
 U, N_ITEMS = 7, 5
 
 
-class Crash(Exception):
-    pass
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def _toy_train() -> sp.csr_matrix:
@@ -227,43 +222,19 @@ def _cfg(**kw):
 
 
 def test_trainer_learns_and_is_seeded(ds) -> None:
-    a = train(ds, _cfg(), log=_quiet)
-    b = train(ds, _cfg(), log=_quiet)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert [h["val"] for h in a.history] == [h["val"] for h in b.history]
-    losses = [h["loss"]["ce"] for h in a.history]
-    assert losses[-1] < losses[0]
-    recall = [h["val"]["recall@20"] for h in a.history]
-    assert max(recall[1:]) > recall[0]
+    a = assert_learns_and_is_seeded(ds, _cfg(), "ce", _cfg(seed=8))
     assert a.history[-1]["info"]["steps"] == 4 * -(-int((np.diff(ds.train.indptr) > 0).sum())
                                                    // 32)
-    c = train(ds, _cfg(seed=8), log=_quiet)
-    assert [h["loss"] for h in c.history] != [h["loss"] for h in a.history]
 
 
 def test_resume_is_bitwise_equal(ds, tmp_path) -> None:
-    cfg = _cfg()
-    want = train(ds, cfg, log=_quiet, out_dir=tmp_path / "a")
-
-    def crash(line: str) -> None:
-        if line.startswith("epoch 2 "):
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(ds, cfg, log=crash, out_dir=tmp_path / "b")
-    got = train(ds, cfg, log=_quiet, out_dir=tmp_path / "b", resume=True)
-    assert [h["loss"] for h in got.history] == [h["loss"] for h in want.history]
-    assert [h["info"] for h in got.history] == [h["info"] for h in want.history]
-    assert got.val == want.val and got.test == want.test
-    sa, sb = want.model.state_dict(), got.model.state_dict()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
-    assert sa["_extra_state"]["update"] == sb["_extra_state"]["update"]
+    want, got = assert_resumes_exactly(ds, _cfg(), tmp_path)
+    assert (want.model.state_dict()["_extra_state"]["update"]
+            == got.model.state_dict()["_extra_state"]["update"])
 
 
 def test_visit_split_scores_held_out_visits_from_their_history() -> None:
     dsv = build_dataset("synthetic", n_patients=200, n_diag=120, n_proc=60, n_med=40, seed=0,
                         split="visit")
-    res = train(dsv, _cfg(epoch=2), log=_quiet)
+    res = train(dsv, _cfg(epoch=2), log=quiet)
     assert 0.0 < res.val["med_jaccard"] < 1.0 and res.val["recall@20"] > 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainer_checks import same_state
 
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.ops.attention import rgat_aggregate
@@ -29,16 +30,6 @@ def two_threads():
     yield
     torch.set_num_threads(n)
 
-
-def _same(a, b) -> bool:
-    """Tensors bitwise (dtype too), containers element by element."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 # ------------------------------------------------------------------------------ the op
@@ -145,5 +136,5 @@ def test_two_runs_and_a_resumed_run_same_bits_at_two_threads(two_threads, ds, tm
         state = got.model.state_dict()
         assert state.keys() == want.keys()
         for k in want:
-            assert _same(want[k], state[k]), k
+            assert same_state(want[k], state[k]), k
         assert _metrics(got) == _metrics(runs[0])
