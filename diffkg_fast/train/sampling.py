@@ -74,7 +74,23 @@ def interactions(train: sp.spmatrix) -> tuple[Tensor, Tensor, Tensor]:
     return users, items, users * m.shape[1] + items  # canonical CSR: keys already sorted
 
 
-class PairSampler:
+class _Streams:
+    """A sampler's random streams (``generators``) as checkpoint state."""
+
+    generators: dict[str, torch.Generator]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.generators):
+            raise ValueError(f"sampler streams {sorted(state)}, expected "
+                             f"{sorted(self.generators)}")
+        for name, g in self.generators.items():
+            g.set_state(state[name])
+
+
+class PairSampler(_Streams):
     """BPR batches of ``batch`` training interactions (the last one shorter)."""
 
     def __init__(self, train: sp.spmatrix, batch: int, seed: int) -> None:
@@ -108,18 +124,8 @@ class PairSampler:
             b = span.cut(b)
             yield PairBatch(self.users[b], self.items[b], neg[b], span), factor
 
-    def state_dict(self) -> dict[str, Any]:
-        return {name: g.get_state() for name, g in self.generators.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self.generators):
-            raise ValueError(f"sampler streams {sorted(state)}, expected "
-                             f"{sorted(self.generators)}")
-        for name, g in self.generators.items():
-            g.set_state(state[name])
-
-
-class UserSampler:
+class UserSampler(_Streams):
     """Batches of ``batch`` users (those with a training interaction), each with its training
     row as a dense 0/1 float tensor."""
 
@@ -151,16 +157,6 @@ class UserSampler:
 
     def _batch(self, users: Tensor, span: Span | None = None) -> UserBatch:
         return UserBatch(users, torch.from_numpy(self.train[users.numpy()].toarray()), span)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: g.get_state() for name, g in self.generators.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self.generators):
-            raise ValueError(f"sampler streams {sorted(state)}, expected "
-                             f"{sorted(self.generators)}")
-        for name, g in self.generators.items():
-            g.set_state(state[name])
 
 
 def _index_batches(n: int, batch: int, shuffle: torch.Generator,
