@@ -2,7 +2,8 @@
 
 Run ``OMP_NUM_THREADS=1 python bench/bench_large_kg.py --entities 20000 89196 300000 1000000
 --out bench/results/cpu-large-kg.json`` (hours at the large sizes: not run yet; a toy size,
-``--entities 2000 --limit 2``, checks the script in seconds).
+``--entities 2000 --limit 2``, checks the script in seconds). ``--device cuda`` runs the same
+on a GPU (``bench/gpu_suite.sh`` does, with ``--limit``: per-batch figures, extrapolated).
 
 Each (size, mode) runs in a FRESH child process (one thread), so its peak RSS (``VmHWM``) is its
 own. The graphs keep Alibaba-iFashion's proportions as DiffKG uses it (89,196 entities, 558,310 KG
@@ -45,7 +46,7 @@ def shape(n_entities: int) -> dict[str, int]:
 
 
 def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden: int,
-          batch: int) -> dict[str, Any]:
+          batch: int, device: str = "cpu") -> dict[str, Any]:
     """One (size, mode) measurement in this (fresh) process."""
     import numpy as np
     import scipy.sparse as sp
@@ -59,7 +60,7 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = shape(n_entities)
     t0 = time.perf_counter()
-    kg = zipf_kg(n_entities, s["edges"], 51, "cpu")
+    kg = zipf_kg(n_entities, s["edges"], 51, device)
     rng = np.random.default_rng(1)
     p = 1.0 / np.arange(1, s["n_items"] + 1) ** 0.8
     items = rng.choice(s["n_items"], s["interactions"], p=p / p.sum())
@@ -69,16 +70,21 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     diff = KGDiffusion(kg, s["n_items"], train, dims=(hidden,), batch=batch,
                        diffusion_mode=mode, diffusion_negatives=negatives, seed=1)
     g = torch.Generator().manual_seed(2)
-    user = torch.randn(s["n_users"], 64, generator=g)
-    entity = torch.randn(n_entities, 64, generator=g)
+    user = torch.randn(s["n_users"], 64, generator=g).to(device)
+    entity = torch.randn(n_entities, 64, generator=g).to(device)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     setup = time.perf_counter() - t0
     n_batches = -(-n_entities // batch)
     run = n_batches if limit is None else min(limit, n_batches)
     t0 = time.perf_counter()
     losses = diff.train_pass(user, entity, limit)
+    sync()
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     diff.rebuild(limit)
+    sync()
     rebuild_s = time.perf_counter() - t0
     deg = s["edges"] / n_entities
     macs = (5 * n_entities * hidden if mode == "exact"
@@ -89,7 +95,9 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
            "train_per_batch_s": train_s / run, "rebuild_per_batch_s": rebuild_s / run,
            "macs_per_row_train": macs,
            "per_step_macs": s["n_items"] * hidden * 64 + 2 * n_entities * hidden,
-           "losses": losses, "peak_rss_mb": _vm_hwm_mb()}
+           "losses": losses, "peak_rss_mb": _vm_hwm_mb(), "device": device}
+    if cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if run < n_batches:
         out["train_full_s_extrapolated"] = train_s / run * n_batches
         out["rebuild_full_s_extrapolated"] = rebuild_s / run * n_batches
@@ -115,19 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per child")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--out", type=Path, default=None, help="JSON file of the results")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:  # "<entities>:<mode>": print one JSON line
         n, mode = a.child.split(":")
-        print(json.dumps(child(int(n), mode, a.limit, a.negatives, a.hidden, a.batch)))
+        print(json.dumps(child(int(n), mode, a.limit, a.negatives, a.hidden, a.batch,
+                               a.device)))
         return 0
     results = []
     for n in a.entities:
         for mode in a.modes:
             cmd = [sys.executable, __file__, "--child", f"{n}:{mode}",
                    "--negatives", str(a.negatives), "--hidden", str(a.hidden),
-                   "--batch", str(a.batch)] + ([] if a.limit is None else
+                   "--batch", str(a.batch), "--device", a.device] + ([] if a.limit is None else
                                               ["--limit", str(a.limit)])
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             try:
@@ -153,7 +163,9 @@ def _line(r: dict[str, Any]) -> str:
            f"{r['batches_full']} batches)" if "train_full_s_extrapolated" in r else "")
     return (f"E={r['n_entities']:>9,} {r['mode']:>7}: setup {r['setup_s']:.2f} s, train "
             f"{r['train_per_batch_s']:.3f} s/batch, rebuild {r['rebuild_per_batch_s']:.3f} "
-            f"s/batch, peak RSS {r['peak_rss_mb']:.0f} MB, {r['macs_per_row_train']:.3g} "
+            f"s/batch, peak RSS {r['peak_rss_mb']:.0f} MB"
+            + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")
+            + f", {r['macs_per_row_train']:.3g} "
             f"MAC/row{ext}")
 
 
