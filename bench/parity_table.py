@@ -30,13 +30,16 @@ def _gap(ours: list[float], ref: list[float]) -> str:
 
 
 def table(out: Path) -> str:
-    """Markdown rows: model, split, metric, native, RecBole, gap."""
-    ref = [json.loads(line) for line in (out / "recbole.jsonl").read_text().splitlines()]
+    """Markdown rows: model, split, metric, native, RecBole, gap. Every ``recbole*.jsonl`` of
+    ``out`` is read; a RecBole variant named ``"MODEL (…)"`` is held against native ``MODEL``."""
+    ref = [json.loads(line) for f in sorted(out.glob("recbole*.jsonl"))
+           for line in f.read_text().splitlines()]
     native = json.loads((out / "native" / "compare.json").read_text())
     lines = ["| model | split | metric | native | RecBole 1.2.1 | native − RecBole | seeds |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for model in dict.fromkeys(r["model"] for r in ref):
-        mine = {r["seed"]: r for r in native if r["row"] == model and "refused" not in r}
+        row = model.split(" (")[0]
+        mine = {r["seed"]: r for r in native if r["row"] == row and "refused" not in r}
         theirs = {r["seed"]: r for r in ref if r["model"] == model}
         seeds = sorted(set(mine) & set(theirs))
         if not seeds:
