@@ -30,12 +30,12 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from _graphs import default_cohort, first_pairs
 
-from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model.kgat import KGAT
 from diffkg_fast.model.losses import emb_norm_reg
 from diffkg_fast.ops._extension import extension_available
-from diffkg_fast.train.sampling import PairSampler, sample_negatives
+from diffkg_fast.train.sampling import sample_negatives
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,22 +44,13 @@ def _one_thread(one_thread):
     yield
 
 
-@functools.lru_cache(maxsize=1)
-def _dataset():
-    return build_dataset("synthetic")
-
 
 def _model() -> KGAT:
-    m = KGAT.from_dataset(_dataset())
+    m = KGAT.from_dataset(default_cohort())
     m.configure_optimizer(1e-3)
     m.train()
     return m
 
-
-def _pair_batch():
-    ds = _dataset()
-    sampler = PairSampler(ds.train, 1024, 421)
-    return next(iter(sampler.batches(sampler.negatives(), 1)))
 
 
 def _info(benchmark, m: KGAT) -> None:
@@ -73,7 +64,7 @@ def test_cf_step(benchmark, request, provider: str) -> None:
     benchmark.group = "kgat-cf-step"
     m = _model()
     m.mess_dropout = 0.0  # the same loss for both providers, step after step
-    batch = _pair_batch()
+    batch = first_pairs()
     if provider == "reference":
         ours = float(m(batch)[0])
         request.getfixturevalue("reference_ops")  # from here on every op's reference

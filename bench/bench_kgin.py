@@ -19,15 +19,12 @@ neighbours per batch (no sparse product, no segment softmax), so no kernel of ou
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from _graphs import default_cohort, first_pairs
 
-from diffkg_fast.data.build import build_dataset
 from diffkg_fast.model.kgin import KGIN
 from diffkg_fast.ops._extension import extension_available
-from diffkg_fast.train.sampling import PairSampler
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,24 +33,15 @@ def _one_thread(one_thread):
     yield
 
 
-@functools.lru_cache(maxsize=1)
-def _dataset():
-    return build_dataset("synthetic")
-
-
-def _pair_batch():
-    ds = _dataset()
-    sampler = PairSampler(ds.train, 1024, 421)
-    return next(iter(sampler.batches(sampler.negatives(), 1)))
 
 
 @pytest.mark.parametrize("provider", ["ours", "reference"])
 def test_train_step(benchmark, request, provider: str) -> None:
     benchmark.group = "kgin-step"
-    m = KGIN.from_dataset(_dataset(), node_dropout_rate=1.0, mess_dropout_rate=0.0)
+    m = KGIN.from_dataset(default_cohort(), node_dropout_rate=1.0, mess_dropout_rate=0.0)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     m.train()
-    batch = _pair_batch()
+    batch = first_pairs()
     if provider == "reference":
         ours = float(m(batch)[0])
         request.getfixturevalue("reference_ops")  # from here on every op's reference
@@ -68,4 +56,4 @@ def test_train_step(benchmark, request, provider: str) -> None:
     step()  # warm-up: the CSR parts of the interaction matrix and its transpose
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({"threads": torch.get_num_threads(),
-                                 "entities": _dataset().n_entities})
+                                 "entities": default_cohort().n_entities})
