@@ -43,6 +43,19 @@ DIAGS = sorted(icd9_titles("diag"))[:60]
 PROCS = sorted(icd9_titles("proc"))[:30]
 
 
+def two_split_files(root, **shape) -> list:
+    """Two synthetic datasets of the same ``shape`` (``build_dataset`` knobs) that differ in
+    their split (seeds 0 and 1), saved under ``root``: their paths."""
+    from diffkg_fast.data.build import build_dataset
+
+    paths = []
+    for seed in (0, 1):
+        path = root / f"split{seed}.npz"
+        build_dataset("synthetic", seed=seed, **shape).save(path)
+        paths.append(path)
+    return paths
+
+
 def random_records(n_patients: int, seed: int) -> MedicalRecords:
     rng = np.random.default_rng(seed)
     recs = []

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trainer_checks import quiet
 
 import diffkg_fast.train.compare as compare_mod
 from diffkg_fast.cli import main
-from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.data.stats import dataset_stats, describe_validation, format_stats
@@ -29,6 +29,8 @@ from diffkg_fast.train.config import make_config
 from diffkg_fast.train.run_folder import CHECKPOINT, DATA_FILE, LOCK, load_run
 from diffkg_fast.train.trainer import train
 
+from helpers import two_split_files
+
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -36,20 +38,11 @@ TINY = ["--model", "lightgcn", "--set", "latdim=8", "--set", "epoch=1", "--no-pr
         "--no-plot"]
 
 
-def _quiet(_: str) -> None:
-    pass
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    paths = []
-    for seed in (0, 1):
-        path = root / f"split{seed}.npz"
-        build_dataset("synthetic", n_patients=120, n_diag=80, n_proc=40, n_med=30,
-                      seed=seed).save(path)
-        paths.append(path)
-    return paths
+    return two_split_files(tmp_path_factory.mktemp("data"),
+                           n_patients=120, n_diag=80, n_proc=40, n_med=30)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +104,7 @@ def test_a_crafted_checkpoint_is_refused_naming_it(run, files, tmp_path_factory,
     if config is not None:
         ds = KGDataset.load(files[0])
         try:
-            train(ds, config, log=_quiet, out_dir=out, resume=True)
+            train(ds, config, log=quiet, out_dir=out, resume=True)
         except DataError as exc:
             assert str(out) in str(exc) or "config" in str(exc)
 
@@ -122,7 +115,7 @@ def test_weights_that_do_not_fit_the_config_are_refused_on_resume(run, files,
     ds = KGDataset.load(files[0])
     config = make_config(**{**load_checkpoint(out / CHECKPOINT)["config"], "epoch": 2})
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        train(ds, config, log=_quiet, out_dir=out, resume=True)
+        train(ds, config, log=quiet, out_dir=out, resume=True)
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_run(out)
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from trainer_checks import quiet
 
 from diffkg_fast.cli import main
-from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.errors import DataError
 from diffkg_fast.train import train
 from diffkg_fast.train.checkpoint import (
@@ -26,25 +26,18 @@ from diffkg_fast.train.commands import evaluate_run
 from diffkg_fast.train.config import make_config
 from diffkg_fast.train.run_folder import CHECKPOINT, DATA_FILE, LOCK, RunFolder, load_run
 
+from helpers import two_split_files
+
 TINY = ["--set", "latdim=8", "--set", "dims=[16]", "--set", "batch=256", "--no-progress",
         "--no-plot"]
 
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Two datasets of the same shapes that differ in their split (another seed)."""
-    root = tmp_path_factory.mktemp("data")
-    paths = []
-    for seed in (0, 1):
-        path = root / f"split{seed}.npz"
-        build_dataset("synthetic", n_patients=150, n_diag=100, n_proc=50, n_med=30,
-                      seed=seed).save(path)
-        paths.append(path)
-    return paths
+    return two_split_files(tmp_path_factory.mktemp("data"),
+                           n_patients=150, n_diag=100, n_proc=50, n_med=30)
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +173,9 @@ def test_python_resume_refuses_another_dataset(files, tmp_path) -> None:
     from diffkg_fast.data.dataset import KGDataset
 
     cfg = make_config(model="lightgcn", epoch=1, latdim=8, batch=256)
-    train(KGDataset.load(files[0]), cfg, log=_quiet, out_dir=tmp_path)
+    train(KGDataset.load(files[0]), cfg, log=quiet, out_dir=tmp_path)
     with pytest.raises(CheckpointError, match="not the one this run was trained on"):
-        train(KGDataset.load(files[1]), cfg, log=_quiet, out_dir=tmp_path, resume=True)
+        train(KGDataset.load(files[1]), cfg, log=quiet, out_dir=tmp_path, resume=True)
 
 
 # --------------------------------------------------------------------- OS errors
