@@ -76,6 +76,13 @@ def in_folder(name: str, data: bytes | str) -> Callable[[Path], None]:
     return lambda p: (p / name).write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def replaced(name: str, folder: str, file: str, data: bytes | str, **kw) -> None:
+    """A "pickle" probe: the fixture folder ``folder`` ("sd" or "dk") copied with its ``file``
+    replaced by ``data`` and built with that source; the error must name the file."""
+    argv = {"sd": SD, "dk": DK}[folder]
+    probe("pickle", name, argv, copy(folder, folder, in_folder(file, data)), names=file, **kw)
+
+
 def python_check(code: str) -> Callable[[Path], list[str]]:
     """Run ``code`` in the probe's folder; whatever it prints is a problem."""
     def check(d: Path) -> list[str]:
@@ -105,56 +112,35 @@ KG = "data build --source kgat --path kg --out o.npz"
 MM = "data build --source mimic3 --path mm --out o.npz"
 
 # ------------------------------------------------------------------ pickles
-probe("pickle", "records: 3000 x 3000 shared visits (12 KB)", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.records_shared())),
-      names="records_final.pkl")
-probe("pickle", "records: os.system global", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.system_call())),
-      names="records_final.pkl")
-probe("pickle", "records: a code nested 100,000 deep", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.records_deep())),
-      names="records_final.pkl")
-probe("pickle", "records: a code of 10^9 shared leaves (6 KB)", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.records_leaves())),
-      names="records_final.pkl")
-probe("pickle", "records: empty file", SD, copy("sd", "sd", in_folder("records_final.pkl", b"")),
-      names="records_final.pkl")
+replaced("records: 3000 x 3000 shared visits (12 KB)", "sd", "records_final.pkl",
+         H.records_shared())
+replaced("records: os.system global", "sd", "records_final.pkl", H.system_call())
+replaced("records: a code nested 100,000 deep", "sd", "records_final.pkl", H.records_deep())
+replaced("records: a code of 10^9 shared leaves (6 KB)", "sd", "records_final.pkl",
+         H.records_leaves())
+replaced("records: empty file", "sd", "records_final.pkl", b"")
 probe("pickle", "records: truncated", SD,
       copy("sd", "sd", lambda p: H.truncate(p / "records_final.pkl", 0.6)),
       names="records_final.pkl")
-probe("pickle", "records: BINBYTES8 declaring 1 TB", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.huge_bytes(1 << 40))),
-      names="records_final.pkl")
-probe("pickle", "records: BINBYTES8 declaring 3 GB", SD,
-      copy("sd", "sd", in_folder("records_final.pkl", H.huge_bytes(3 << 30))),
-      names="records_final.pkl")
-probe("pickle", "voc: builtins.eval", SD,
-      copy("sd", "sd", in_folder("voc_final.pkl", H.voc_eval())), names="voc_final.pkl")
-probe("pickle", "ddi_A: dill _import_module('os')", SD,
-      copy("sd", "sd", in_folder("ddi_A_final.pkl", H.dill_import_os())),
-      names="ddi_A_final.pkl", needs="dill")
-probe("pickle", "ddi_A: 1000 x 1000 array with 8 bytes", SD,
-      copy("sd", "sd", in_folder("ddi_A_final.pkl", H.array_short_bytes())),
-      names="ddi_A_final.pkl")
-probe("pickle", "ehr_adj: numpy scalar of unsized 'U'", SD,
-      copy("sd", "sd", in_folder("ehr_adj_final.pkl", H.numpy_scalar_unsized())),
-      names="ehr_adj_final.pkl")
-probe("pickle", "trnMat: shape 99,999,999^2", DK,
-      copy("dk", "dk", in_folder("trnMat.pkl", H.coo_matrix_pickle((99_999_999,) * 2, [0], [0]))),
-      names="trnMat.pkl")
+replaced("records: BINBYTES8 declaring 1 TB", "sd", "records_final.pkl", H.huge_bytes(1 << 40))
+replaced("records: BINBYTES8 declaring 3 GB", "sd", "records_final.pkl", H.huge_bytes(3 << 30))
+replaced("voc: builtins.eval", "sd", "voc_final.pkl", H.voc_eval())
+replaced("ddi_A: dill _import_module('os')", "sd", "ddi_A_final.pkl",
+         H.dill_import_os(), needs="dill")
+replaced("ddi_A: 1000 x 1000 array with 8 bytes", "sd", "ddi_A_final.pkl", H.array_short_bytes())
+replaced("ehr_adj: numpy scalar of unsized 'U'", "sd", "ehr_adj_final.pkl",
+         H.numpy_scalar_unsized())
+replaced("trnMat: shape 99,999,999^2", "dk", "trnMat.pkl",
+         H.coo_matrix_pickle((99_999_999,) * 2, [0], [0]))
 probe("pickle", "trnMat, valMat, tstMat: all of shape 99,999,999^2", DK,
       copy("dk", "dk", lambda p: [(p / n).write_bytes(H.coo_matrix_pickle(
           (99_999_999,) * 2, [i], [i])) for i, n in enumerate(
               ("trnMat.pkl", "valMat.pkl", "tstMat.pkl"))]), names="Mat.pkl")
-probe("pickle", "trnMat: entries outside the shape", DK,
-      copy("dk", "dk", in_folder("trnMat.pkl", H.coo_matrix_pickle((10, 10), [0, 50], [0, 3]))),
-      names="trnMat.pkl")
-probe("pickle", "trnMat: os.system global", DK,
-      copy("dk", "dk", in_folder("trnMat.pkl", H.system_call())), names="trnMat.pkl")
-probe("pickle", "tstMat: a plain dict", DK,
-      copy("dk", "dk", in_folder("tstMat.pkl", H.pickle.dumps({"a": 1}))), names="tstMat.pkl")
-probe("pickle", "trnMat: text, not a pickle", DK,
-      copy("dk", "dk", in_folder("trnMat.pkl", "0 1 2\n")), names="trnMat.pkl")
+replaced("trnMat: entries outside the shape", "dk", "trnMat.pkl",
+         H.coo_matrix_pickle((10, 10), [0, 50], [0, 3]))
+replaced("trnMat: os.system global", "dk", "trnMat.pkl", H.system_call())
+replaced("tstMat: a plain dict", "dk", "tstMat.pkl", H.pickle.dumps({"a": 1}))
+replaced("trnMat: text, not a pickle", "dk", "trnMat.pkl", "0 1 2\n")
 
 # ------------------------------------------------------------------ archives (.npz)
 STATS = "data stats x.npz"
