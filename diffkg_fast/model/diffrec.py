@@ -172,12 +172,11 @@ class DiffRec(Recommender):
         whole = x0.new_zeros(()).expand(span.total, x0.shape[1])  # shape only, no storage
         t, pt, noise = self.importance.draw(whole, self.generators["diffusion"])
         den = self.denoiser
+        mask = None
         if den.dropout > 0:
-            den.preset_mask = span.cut(dropout_mask(whole, den.dropout, den.dropout_generator))
-        try:
+            mask = span.cut(dropout_mask(whole, den.dropout, den.dropout_generator))
+        with den.masked(mask):
             loss, parts = self._loss(x0, span.cut(t), span.cut(pt), span.cut(noise))
-        finally:
-            den.preset_mask = None
         self.importance.record(t, whole_batch(parts["rows"], span, self.dist))
         return loss, {"diff": parts["diff"]}
 

@@ -20,7 +20,9 @@ and the denoiser's dropout drawn from a generator; the importance sampler of ``t
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -237,6 +239,16 @@ class Denoiser(nn.Module):
         self.in_layer = nn.Linear(n_entities + emb_size, hidden, **kw)
         self.out_layer = nn.Linear(hidden, n_entities, **kw)
         self.reset_parameters(generator)
+
+    @contextlib.contextmanager
+    def masked(self, mask: Tensor | None) -> Iterator[None]:
+        """Train with the caller's dropout ``mask`` (the rows of a whole-batch draw, on a
+        data-parallel rank) instead of drawing one, while the block runs."""
+        self.preset_mask = mask
+        try:
+            yield
+        finally:
+            self.preset_mask = None
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

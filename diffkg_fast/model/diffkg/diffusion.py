@@ -62,7 +62,7 @@ from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
 from diffkg_fast.utils.distributed import (
     Dist,
-    batch_part,
+    batch_span,
     block,
     ddp,
     gather_rows,
@@ -246,23 +246,21 @@ class KGDiffusion(nn.Module):
         rank's generators stay in step with the single process's and its rows get the single
         process's draws: the draws are repeated on every rank, the GEMMs are divided."""
         kg, den = self.kg, self.denoiser
-        part, factor = batch_part(rows.numel(), self.dist)
+        span, factor = batch_span(rows.numel(), self.dist)
         # A stand-in with the batch's shape, dtype and device and no storage.
         whole = torch.zeros((), device=ent.device).expand(rows.numel(), kg.n_entities)
         t, noise = draw_timesteps_noise(whole, self.steps, gen)
         # Copies of the part, so that the whole B × E draws are freed before the forward.
-        noise = noise[part].clone()
+        noise = span.cut(noise).clone()
         mask = None
         if den.dropout > 0:
             # The mask's draw exactly as the loss makes it (dropout_mask / F.dropout on a CPU).
-            mask = dropout_mask(whole, den.dropout, den.dropout_generator)[part].clone()
-        x0 = kg_rows(kg.rowptr, kg.col, rows[part], kg.n_entities)
-        den.preset_mask = mask
-        try:
-            step = self if self._ddp is None else self._ddp  # FSDP's hooks are in the denoiser
-            loss, parts = step(x0, t[part], noise, r_t_u, ent[rows[part]])
-        finally:
-            den.preset_mask = None
+            mask = span.cut(dropout_mask(whole, den.dropout, den.dropout_generator)).clone()
+        mine = span.cut(rows)
+        x0 = kg_rows(kg.rowptr, kg.col, mine, kg.n_entities)
+        step = self if self._ddp is None else self._ddp  # FSDP's hooks are in the denoiser
+        with den.masked(mask):
+            loss, parts = step(x0, span.cut(t), noise, r_t_u, ent[mine])
         return loss, parts, factor
 
     @torch.no_grad()
