@@ -38,7 +38,6 @@ TINY = ["--model", "lightgcn", "--set", "latdim=8", "--set", "epoch=1", "--no-pr
         "--no-plot"]
 
 
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return two_split_files(tmp_path_factory.mktemp("data"),

@@ -32,7 +32,6 @@ TINY = ["--set", "latdim=8", "--set", "dims=[16]", "--set", "batch=256", "--no-p
         "--no-plot"]
 
 
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Two datasets of the same shapes that differ in their split (another seed)."""
