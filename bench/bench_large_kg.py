@@ -12,13 +12,23 @@ edges, 0.337 items and 1.286 users, 15.5 interactions per user; Zipf(0.8) degree
 (``bench/_graphs.py``) for the KG and the items' popularity. The denoiser is DiffKG's
 (``dims=[1000]``, 5 steps, batch 1024), the tables random (d = 64).
 
+Modes: ``exact`` (DiffKG's dense rows), ``sampled`` (``diffusion_mode=sampled``: sampled
+columns, exact CKGC, torch's dense Adam, the exact rebuild), ``linear`` (``sampled`` with
+``ckgc_samples=--ckgc``, ``denoiser_adam=lazy`` and ``rebuild_mode=sampled``: a step reads and
+moves only the entities it touches, and the rebuild ranks each row's edges against ``n``
+competitor columns).
+
 Per child: ``setup_s`` (graphs, denoiser, Adam), the training pass and the rebuild (each its
 first ``--limit`` batches, or all without it; ``*_per_batch_s`` and the full pass extrapolated
-as ``*_full_s_extrapolated`` when limited), ``peak_rss_mb``, and the multiply-adds per row that
-the module docstrings count: exact ``5 E H``; sampled ``6 (deg + n) H + 3 H d`` (plus, per step,
-the CKGC product ``I H d`` and Adam over ``2 E H`` weights, O(E H), reported as
-``per_step_macs``). The rebuild is the exact mode's in both modes (one ``B × H × E`` GEMM and a
-top-k per batch: O(E² H) per epoch), so it is timed too: it is what stays quadratic.
+as ``*_full_s_extrapolated`` when limited; the rebuild's one-off factors, ``rebuild_factors_s``,
+timed alone and not multiplied), ``peak_rss_mb``, and the multiply-adds per row that
+the module docstrings count: exact ``5 E H``; sampled ``6 (deg + n) H + 3 H d`` (``linear``:
+the CKGC's ``3 H d`` twice). Per step, ``per_step_macs``: in ``exact`` and ``sampled`` the CKGC
+product ``I H d`` and Adam over the ``2 E H`` weights, O(E H); in ``linear`` the CKGC's two
+``m H d`` products, forward and backward, and Adam over the touched entities (at most
+``B deg + 2n + 2m``), O(H) per row and sample. The rebuild: in ``exact`` and ``sampled`` one
+``B × H × E`` GEMM and a top-k per batch, O(E² H) per epoch; in ``linear`` ``(deg + n) H`` a
+row; in every mode the hidden-space chain's factors, ``2 E H²`` once per rebuild.
 """
 
 from __future__ import annotations
@@ -45,8 +55,19 @@ def shape(n_entities: int) -> dict[str, int]:
             "interactions": round(users * INTERACTIONS_PER_USER)}
 
 
+MODES = ("exact", "sampled", "linear")
+
+
+def options(mode: str, negatives: int, ckgc: int) -> dict[str, Any]:
+    """The KGDiffusion options of a benchmark mode (module docstring)."""
+    if mode == "linear":
+        return {"diffusion_mode": "sampled", "diffusion_negatives": negatives,
+                "ckgc_samples": ckgc, "denoiser_adam": "lazy", "rebuild_mode": "sampled"}
+    return {"diffusion_mode": mode, "diffusion_negatives": negatives}
+
+
 def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden: int,
-          batch: int, device: str = "cpu") -> dict[str, Any]:
+          batch: int, device: str = "cpu", ckgc: int = 256) -> dict[str, Any]:
     """One (size, mode) measurement in this (fresh) process."""
     import numpy as np
     import scipy.sparse as sp
@@ -56,6 +77,7 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     from _graphs import zipf_kg
 
     from diffkg_fast.model.diffkg import KGDiffusion
+    from diffkg_fast.ops.diffusion_sample_fused import SamplerFactors
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = shape(n_entities)
@@ -67,8 +89,8 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     users = rng.integers(0, s["n_users"], s["interactions"])
     train = sp.csr_matrix((np.ones(len(items), np.float32), (users, items)),
                           shape=(s["n_users"], s["n_items"]))
-    diff = KGDiffusion(kg, s["n_items"], train, dims=(hidden,), batch=batch,
-                       diffusion_mode=mode, diffusion_negatives=negatives, seed=1)
+    diff = KGDiffusion(kg, s["n_items"], train, dims=(hidden,), batch=batch, seed=1,
+                       **options(mode, negatives, ckgc))
     g = torch.Generator().manual_seed(2)
     user = torch.randn(s["n_users"], 64, generator=g).to(device)
     entity = torch.randn(n_entities, 64, generator=g).to(device)
@@ -82,25 +104,34 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     losses = diff.train_pass(user, entity, limit)
     sync()
     train_s = time.perf_counter() - t0
+    # The rebuild's one-off part (the hidden-space sampler's factors, 2 E H² a rebuild), timed
+    # alone so that a limited run extrapolates only the per-batch part.
+    t0 = time.perf_counter()
+    SamplerFactors.build(diff.denoiser, diff.schedule)
+    sync()
+    factors_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     diff.rebuild(limit)
     sync()
     rebuild_s = time.perf_counter() - t0
     deg = s["edges"] / n_entities
     macs = (5 * n_entities * hidden if mode == "exact"
-            else 6 * (deg + negatives) * hidden + 3 * hidden * 64)
+            else 6 * (deg + negatives) * hidden + 3 * hidden * 64 * (2 if mode == "linear" else 1))
     out = {**s, "mode": mode, "negatives": negatives, "hidden": hidden, "batch": batch,
            "threads": torch.get_num_threads(), "batches_run": run, "batches_full": n_batches,
            "setup_s": setup, "train_s": train_s, "rebuild_s": rebuild_s,
-           "train_per_batch_s": train_s / run, "rebuild_per_batch_s": rebuild_s / run,
+           "rebuild_factors_s": factors_s, "train_per_batch_s": train_s / run,
+           "rebuild_per_batch_s": max(rebuild_s - factors_s, 0.0) / run,
            "macs_per_row_train": macs,
-           "per_step_macs": s["n_items"] * hidden * 64 + 2 * n_entities * hidden,
+           "per_step_macs": (6 * ckgc * hidden * 64 + 2 * min(
+               n_entities, batch * deg + 2 * negatives + 2 * ckgc) * hidden if mode == "linear"
+               else s["n_items"] * hidden * 64 + 2 * n_entities * hidden),
            "losses": losses, "peak_rss_mb": _vm_hwm_mb(), "device": device}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if run < n_batches:
         out["train_full_s_extrapolated"] = train_s / run * n_batches
-        out["rebuild_full_s_extrapolated"] = rebuild_s / run * n_batches
+        out["rebuild_full_s_extrapolated"] = factors_s + out["rebuild_per_batch_s"] * n_batches
     return out
 
 
@@ -115,11 +146,11 @@ def _vm_hwm_mb() -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--entities", type=int, nargs="+", default=[20_000])
-    ap.add_argument("--modes", nargs="+", default=["exact", "sampled"],
-                    choices=["exact", "sampled"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--limit", type=int, default=None,
                     help="batches per pass (default: all; the full pass is then measured)")
     ap.add_argument("--negatives", type=int, default=256)
+    ap.add_argument("--ckgc", type=int, default=256, help="the linear mode's ckgc_samples")
     ap.add_argument("--hidden", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per child")
@@ -130,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:  # "<entities>:<mode>": print one JSON line
         n, mode = a.child.split(":")
         print(json.dumps(child(int(n), mode, a.limit, a.negatives, a.hidden, a.batch,
-                               a.device)))
+                               a.device, a.ckgc)))
         return 0
     results = []
     for n in a.entities:
         for mode in a.modes:
             cmd = [sys.executable, __file__, "--child", f"{n}:{mode}",
-                   "--negatives", str(a.negatives), "--hidden", str(a.hidden),
+                   "--negatives", str(a.negatives), "--ckgc", str(a.ckgc),
+                   "--hidden", str(a.hidden),
                    "--batch", str(a.batch), "--device", a.device] + ([] if a.limit is None else
                                               ["--limit", str(a.limit)])
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -163,7 +195,7 @@ def _line(r: dict[str, Any]) -> str:
            f"{r['batches_full']} batches)" if "train_full_s_extrapolated" in r else "")
     return (f"E={r['n_entities']:>9,} {r['mode']:>7}: setup {r['setup_s']:.2f} s, train "
             f"{r['train_per_batch_s']:.3f} s/batch, rebuild {r['rebuild_per_batch_s']:.3f} "
-            f"s/batch, peak RSS {r['peak_rss_mb']:.0f} MB"
+            f"s/batch + {r['rebuild_factors_s']:.2f} s factors, peak RSS {r['peak_rss_mb']:.0f} MB"
             + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")
             + f", {r['macs_per_row_train']:.3g} "
             f"MAC/row{ext}")

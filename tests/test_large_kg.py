@@ -396,7 +396,9 @@ def test_sampled_mode_refuses_data_parallel(tiny) -> None:
 # --------------------------------------------------------------------- on a GPU (skipped here)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sampled_modes_train_on_cuda_as_on_the_cpu(tiny) -> None:
+@pytest.mark.parametrize("more", [{}, {"denoiser_adam": "lazy", "ckgc_samples": 4,
+                                      "rebuild_mode": "sampled"}])
+def test_sampled_modes_train_on_cuda_as_on_the_cpu(tiny, more: dict) -> None:
     """The large-KG mode's code paths on a GPU (issue 21 §5): one epoch of DiffKG with the
     sampled diffusion and sampled InfoNCE on CUDA follows the CPU run. Every draw of the mode
     comes from the CPU streams and is moved to the device, so the two runs see the same
@@ -406,7 +408,7 @@ def test_sampled_modes_train_on_cuda_as_on_the_cpu(tiny) -> None:
 
     opts = {"model": "diffkg", "epoch": 1, "latdim": 8, "dims": [16], "batch": 32, "seed": 1,
             "diffusion_mode": "sampled", "diffusion_negatives": 16, "cl_mode": "sampled",
-            "cl_negatives": 20}
+            "cl_negatives": 20, **more}
     cpu = train(tiny, make_config(**opts), log=lambda _: None)
     gpu = train(tiny, make_config(**opts, device="cuda"), log=lambda _: None)
     for k, v in cpu.history[0]["loss"].items():

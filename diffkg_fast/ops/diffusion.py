@@ -259,11 +259,12 @@ class Denoiser(nn.Module):
                 dev = _gen_device(generator, p.device)
                 p.copy_(torch.randn(p.shape, generator=generator, device=dev, dtype=p.dtype) * std)
 
-    def time_bias(self, t: Tensor) -> Tensor:
-        """The time embedding's share of the first layer, ``emb(t) W_eᵀ + b`` (len(t) × hidden)."""
+    def time_bias(self, t: Tensor, w_e: Tensor | None = None) -> Tensor:
+        """The time embedding's share of the first layer, ``emb(t) W_eᵀ + b`` (len(t) × hidden);
+        ``w_e``: the time columns to use instead of the layer's own (a compact copy)."""
         w = self.in_layer.weight
         emb = self.emb_layer(time_embedding(t, self.emb_size, w.dtype))
-        return F.linear(emb, w[:, self.n_entities:], self.in_layer.bias)
+        return F.linear(emb, w[:, self.n_entities:] if w_e is None else w_e, self.in_layer.bias)
 
     def forward(self, x: Tensor, t: Tensor | int, dropout: bool | None = None) -> Tensor:
         """``x`` (B, E), ``t`` (B,) or one int step for all rows → ``x0_hat`` (B, E).

@@ -84,8 +84,8 @@ from diffkg_fast.ops.diffusion import (
 from diffkg_fast.ops.graph import csr_offsets
 from diffkg_fast.ops.rows import rows as take_rows
 
-__all__ = ["SampledBatch", "chi2_wilson_hilferty", "diffusion_loss_sampled", "draw_sampled",
-           "edge_keys", "is_edge", "sampled_preactivation"]
+__all__ = ["EntityWeights", "SampledBatch", "chi2_wilson_hilferty", "diffusion_loss_sampled",
+           "draw_sampled", "edge_keys", "entity_weights", "is_edge", "sampled_preactivation"]
 
 _NORM_EPS = 1e-12  # F.normalize's default, as the exact denoiser's input
 
@@ -112,6 +112,56 @@ class SampledBatch(NamedTuple):
     neg_cols: Tensor  # (n,) the output's negatives j
     neg_weight: Tensor  # (n,)
     neg_off: Tensor  # (B, n)
+    ckgc_cols: Tensor | None = None  # (2, m) two independent item samples, or None: exact CKGC
+
+
+class EntityWeights(NamedTuple):
+    """The denoiser's per-entity weights as a sampled step reads them, at the entities
+    ``index`` (sorted, unique): W1's entity columns (as rows), W2's rows and b2, and W1's
+    time-embedding columns.
+
+    :func:`entity_weights` makes compact leaf copies of the entities a step touches, so that
+    backward fills K × H gradients, not E × H ones, and the optimiser can move those rows only
+    (``denoiser_adam='lazy'``); without it the loss reads the denoiser's own weights (views:
+    gradients reach its parameters, as the tests' gradchecks need)."""
+
+    index: Tensor  # (K,) entity ids
+    w1: Tensor  # (K, H)
+    w2: Tensor  # (K, H)
+    b2: Tensor  # (K,)
+    w1_time: Tensor  # (H, emb)
+
+    def at(self, cols: Tensor) -> Tensor:
+        """Positions of the entity ids ``cols`` in ``index`` (each must be there)."""
+        return torch.searchsorted(self.index, cols)
+
+
+def _own_weights(denoiser: Denoiser) -> EntityWeights:
+    w1, n = denoiser.in_layer.weight, denoiser.n_entities
+    return EntityWeights(torch.arange(n, device=w1.device), w1[:, :n].t(),
+                         denoiser.out_layer.weight, denoiser.out_layer.bias, w1[:, n:])
+
+
+def touched(batch: SampledBatch, item_count: int) -> Tensor:
+    """The entities (sorted) whose weights a step on ``batch`` reads: the support, the sketch's
+    and the negatives' columns, and the CKGC's items (all ``item_count`` when exact)."""
+    items = batch.ckgc_cols
+    if items is None:
+        items = torch.arange(item_count, device=batch.edge_col.device)
+    return torch.unique(torch.cat([batch.edge_col, batch.noise_cols, batch.neg_cols,
+                                   items.reshape(-1)]))
+
+
+@torch.no_grad()
+def entity_weights(denoiser: Denoiser, batch: SampledBatch, item_count: int) -> EntityWeights:
+    """Leaf copies of the weights of the entities a step on ``batch`` touches (:func:`touched`);
+    after backward their ``.grad`` are the step's gradients at those entities
+    (:meth:`~diffkg_fast.model.diffkg.lazy_adam.LazyAdam.step` takes them)."""
+    idx = touched(batch, item_count)
+    w1, n = denoiser.in_layer.weight, denoiser.n_entities
+    leaves = (w1.index_select(1, idx).t().contiguous(), denoiser.out_layer.weight[idx],
+              denoiser.out_layer.bias[idx], w1[:, n:].clone())
+    return EntityWeights(idx, *(x.requires_grad_() for x in leaves))
 
 
 def edge_keys(rowptr: Tensor, col: Tensor, n_cols: int) -> Tensor:
@@ -150,11 +200,14 @@ def chi2_wilson_hilferty(df: Tensor, generator: torch.Generator | None = None) -
 
 def draw_sampled(rowptr: Tensor, col: Tensor, keys: Tensor, rows: Tensor, n_entities: int,
                  steps: int, n_samples: int, dropout: float = 0.0,
-                 generator: torch.Generator | None = None) -> SampledBatch:
+                 generator: torch.Generator | None = None, *, ckgc_samples: int = 0,
+                 item_count: int = 0) -> SampledBatch:
     """The support of the KG rows ``rows`` (CSR ``rowptr``, ``col``; ``keys`` its
     :func:`edge_keys`) and the draws of one sampled step, from ``generator`` in this order:
     ``t``, the support's ε, χ, the sketch's columns and ξ, the negatives, then (``dropout > 0``)
-    the support's and the sketch's keep draws. Columns are uniform (``ω = E / n``)."""
+    the support's and the sketch's keep draws, then (``ckgc_samples > 0``) the CKGC's two
+    samples of ``ckgc_samples`` items of ``item_count``. Columns and items are uniform
+    (``ω = E / n``)."""
     if n_samples < 1:
         raise ValueError(f"diffusion_negatives must be >= 1, got {n_samples}")
     dev = rowptr.device
@@ -181,11 +234,16 @@ def draw_sampled(rowptr: Tensor, col: Tensor, keys: Tensor, rows: Tensor, n_enti
                                     generator=generator).to(dev)
         noise_keep = torch.bernoulli(torch.full((n_rows, n_samples), keep, device=gdev),
                                      generator=generator).to(dev)
+    ckgc_cols = None
+    if ckgc_samples > 0:
+        if item_count < 1:
+            raise ValueError(f"ckgc_samples={ckgc_samples} needs item_count >= 1")
+        ckgc_cols = draw(torch.randint, item_count, (2, ckgc_samples))
     weight = torch.full((n_samples,), n_entities / n_samples, dtype=torch.float64, device=dev)
     return SampledBatch(
         t, csr_offsets(edge_row, n_rows), edge_row, edge_col, edge_eps, edge_keep, off_energy,
         noise_cols, weight, noise_eps, noise_keep, ~is_edge(keys, n_entities, rows, noise_cols),
-        neg_cols, weight.clone(), ~is_edge(keys, n_entities, rows, neg_cols))
+        neg_cols, weight.clone(), ~is_edge(keys, n_entities, rows, neg_cols), ckgc_cols)
 
 
 def _segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
@@ -196,12 +254,14 @@ def _segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
 
 
 def sampled_preactivation(denoiser: Denoiser, batch: SampledBatch,
-                          schedule: DiffusionSchedule) -> Tensor:
+                          schedule: DiffusionSchedule, weights: EntityWeights | None = None,
+                          ) -> Tensor:
     """The first layer's ``x`` part ``z`` (B × H, before the time bias and tanh) of the rows of
     ``batch``: the support exactly, the off-support noise by the sketch ``ν̂`` (module
-    docstring). Dropout follows ``denoiser.training``, its draws from ``batch``."""
-    w1 = denoiser.in_layer.weight
-    dtype, dev = w1.dtype, w1.device
+    docstring). Dropout follows ``denoiser.training``, its draws from ``batch``. ``weights``:
+    the entities' weights to read (default: the denoiser's own)."""
+    ew = _own_weights(denoiser) if weights is None else weights
+    dtype, dev = ew.w1.dtype, ew.w1.device
     t, n_rows, er = batch.t, batch.t.numel(), batch.edge_row
     abar = schedule.alphas_cumprod.to(dev)[t]
     sa, sb = abar.sqrt().to(dtype), (1.0 - abar).sqrt().to(dtype)
@@ -223,11 +283,11 @@ def sampled_preactivation(denoiser: Denoiser, batch: SampledBatch,
     if drop:
         coef = coef * batch.edge_keep.to(dtype)
         ncoef = ncoef * batch.noise_keep.to(dtype)
-    # One gather of the columns W1_j (support, then sketch): its backward fills ONE dense
-    # gradient of W1 (each gather's backward zero-fills a whole H × E one: at E = 20,000 the
-    # fills of seven separate gathers were 29% of a profiled step, 19% with one per weight).
+    # One gather of the columns W1_j (support, then sketch): on the denoiser's own weights its
+    # backward fills ONE dense gradient of W1 (each gather's backward zero-fills a whole H × E
+    # one: at E = 20,000 the fills of seven separate gathers were 29% of a profiled step).
     nnz = batch.edge_col.numel()
-    g1 = w1.index_select(1, torch.cat([batch.edge_col, batch.noise_cols])).t()
+    g1 = take_rows(ew.w1, ew.at(torch.cat([batch.edge_col, batch.noise_cols])))
     # Σ_{j∈S} coef_j W1_j per row (scaled, added into their batch row), then the sketch as one
     # (B × n) × (n × H) product.
     z = _segment_sum(coef[:, None] * g1[:nnz], er, n_rows)
@@ -237,19 +297,19 @@ def sampled_preactivation(denoiser: Denoiser, batch: SampledBatch,
 @register("diffusion_loss_sampled", "reference")
 def _diffusion_loss_sampled_reference(
     denoiser: Denoiser, batch: SampledBatch, schedule: DiffusionSchedule, item_count: int,
-    R_T_U: Tensor, E_batch: Tensor, e_loss: float,
+    R_T_U: Tensor, E_batch: Tensor, e_loss: float, weights: EntityWeights | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     if R_T_U.shape[0] != item_count:
         raise ValueError(f"R_T_U has {R_T_U.shape[0]} rows, expected item_count={item_count}")
+    ew = _own_weights(denoiser) if weights is None else weights
     n_ent, n_rows = denoiser.n_entities, batch.t.numel()
-    w2, b2 = denoiser.out_layer.weight, denoiser.out_layer.bias
     er, ec = batch.edge_row, batch.edge_col
-    a = torch.tanh(sampled_preactivation(denoiser, batch, schedule)
-                   + denoiser.time_bias(batch.t))
+    a = torch.tanh(sampled_preactivation(denoiser, batch, schedule, ew)
+                   + denoiser.time_bias(batch.t, ew.w1_time))
     # Output: the support's squared errors exactly, the rest importance-weighted; one gather of
     # the rows of W2 and b2 (support, then negatives), as for W1.
-    cols = torch.cat([ec, batch.neg_cols])
-    g2, gb = take_rows(w2, cols), take_rows(b2[:, None], cols)[:, 0]
+    pos = ew.at(torch.cat([ec, batch.neg_cols]))
+    g2, gb = take_rows(ew.w2, pos), take_rows(ew.b2[:, None], pos)[:, 0]
     nnz = ec.numel()
     x_sup = (take_rows(a, er) * g2[:nnz]).sum(-1) + gb[:nnz]
     se = _segment_sum((1.0 - x_sup).pow(2), er, n_rows)
@@ -258,22 +318,44 @@ def _diffusion_loss_sampled_reference(
     se = se + (nw * x_neg.pow(2)).sum(-1)
     rows_loss = step_weights_of(schedule, None, batch.t, a) * se / n_ent
     diff = rows_loss.mean()
-    # CKGC, exact: x̂[:, :I] V = a (W2[:I]ᵀ V) + b2[:I]ᵀ V.
-    r_t_u = R_T_U.detach().to(a.dtype)
-    e_hat = a @ (w2[:item_count].T @ r_t_u) + b2[:item_count] @ r_t_u
-    ckgc = (e_hat - E_batch.detach()).pow(2).mean(-1).mean()
+    ckgc = _ckgc(a, ew, batch.ckgc_cols, R_T_U.detach().to(a.dtype), E_batch.detach())
     loss = (1.0 - e_loss) * diff + e_loss * ckgc
     return loss, {"diff": diff.detach(), "ckgc": ckgc.detach(), "rows": rows_loss.detach()}
 
 
+def _ckgc(a: Tensor, ew: EntityWeights, items: Tensor | None, v: Tensor, e: Tensor) -> Tensor:
+    """The CKGC term ``mean_b ‖u_b - e_b‖² / d``, ``u = x̂[:, :I] V``: exact as
+    ``a (W2[:I]ᵀ V) + b2[:I]ᵀ V`` (``items`` None), else the product of two independent
+    importance-weighted item samples ``û¹, û²`` (``items``: 2 × m), whose expectation is the
+    exact value: ``E[(û¹ - e)·(û² - e)] = (u - e)·(u - e)`` since the samples are independent
+    and each ``û`` is unbiased for ``u`` (docs/large-kg.md: variance, and why not ``‖û - e‖²``,
+    which is biased by ``tr Cov(û)``)."""
+    n_items = v.shape[0]
+    if items is None:
+        if ew.index.numel() < n_items or int(ew.index[n_items - 1]) != n_items - 1:
+            raise ValueError("the exact CKGC reads every item's weights: EntityWeights must "
+                             "hold entities 0 … item_count-1")
+        u = a @ (ew.w2[:n_items].T @ v) + ew.b2[:n_items] @ v
+        return (u - e).pow(2).mean(-1).mean()
+    # û = x̂[:, c] (I/m) V[c], formed as the exact form is: the H × d product first (m·H·d).
+    scale = n_items / items.shape[1]
+    u1, u2 = (a @ (take_rows(ew.w2, ew.at(c)).T @ vc) + ew.b2[ew.at(c)] @ vc
+              for c in items for vc in (scale * v[c],))
+    return ((u1 - e) * (u2 - e)).mean(-1).mean()
+
+
 def diffusion_loss_sampled(
     denoiser: Denoiser, batch: SampledBatch, schedule: DiffusionSchedule, item_count: int,
-    R_T_U: Tensor, E_batch: Tensor, e_loss: float, *, backend: str = "auto",
+    R_T_U: Tensor, E_batch: Tensor, e_loss: float, *, weights: EntityWeights | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffKG's diffusion + CKGC loss of the rows of ``batch`` (:func:`draw_sampled`), the
     off-support columns sampled (module docstring): ``(loss, {"diff", "ckgc", "rows"})`` as
     :func:`~diffkg_fast.ops.diffusion.diffusion_loss`. ``R_T_U`` (I × d) and ``E_batch``
     (B × d) as there (detached). Dropout follows ``denoiser.training``, its draws from
-    ``batch``. Only the reference exists (float32 or float64, the denoiser's dtype)."""
+    ``batch``. ``weights``: the entities' weights to read (:func:`entity_weights`: compact
+    leaves; default the denoiser's own). The CKGC term is exact, or sampled when ``batch``
+    carries ``ckgc_cols``. Only the reference exists (float32 or float64, the denoiser's
+    dtype)."""
     return resolve("diffusion_loss_sampled", backend, batch.t.device)(
-        denoiser, batch, schedule, item_count, R_T_U, E_batch, e_loss)
+        denoiser, batch, schedule, item_count, R_T_U, E_batch, e_loss, weights)

@@ -28,8 +28,9 @@ single process's KG.
 off-support columns sampled (:mod:`diffkg_fast.ops.diffusion_sampled`: the estimator, why it is
 unbiased on the output side and moment-matched on the input side): a step costs
 O((deg + diffusion_negatives)·H) per row instead of O(E·H), and no dense row is built. Its
-draws (steps, noise, columns, dropout) all come from the ``diffusion`` stream. The rebuild is
-the exact mode's in both modes.
+draws (steps, noise, columns, dropout, CKGC items) all come from the ``diffusion`` stream.
+``rebuild_mode="sampled"`` ranks each row's edges against competitor columns drawn from the
+``rebuild`` stream (:mod:`diffkg_fast.ops.rebuild_sampled`) instead of every column.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from diffkg_fast.model.diffkg.lazy_adam import LazyAdam, RowGrad
 from diffkg_fast.model.diffkg.sharding import SHARDINGS, full_state, gathered, shard
 from diffkg_fast.ops.diffusion import (
     Denoiser,
@@ -53,13 +55,15 @@ from diffkg_fast.ops.diffusion import (
     sample_topk,
 )
 from diffkg_fast.ops.diffusion_sampled import (
-    SampledBatch,
+    EntityWeights,
     diffusion_loss_sampled,
     draw_sampled,
     edge_keys,
+    entity_weights,
 )
 from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
+from diffkg_fast.ops.rebuild_sampled import sample_topk_candidates
 from diffkg_fast.utils.distributed import (
     Dist,
     batch_span,
@@ -73,6 +77,8 @@ from diffkg_fast.utils.seed import rng_stream
 __all__ = ["DIFFUSION_MODES", "KGDiffusion"]
 
 DIFFUSION_MODES = ("exact", "sampled")
+DENOISER_ADAMS = ("dense", "lazy")
+REBUILD_MODES = ("exact", "sampled")
 
 
 class KGDiffusion(nn.Module):
@@ -85,7 +91,13 @@ class KGDiffusion(nn.Module):
     Option names and defaults are DiffKG's ``Params.py`` (``dims`` the hidden size, one layer;
     ``denoiser_dropout`` is the input dropout DiffKG hard-codes at 0.5). ``diffusion_mode``:
     ``"exact"`` (DiffKG's dense rows) or ``"sampled"`` (module docstring), with
-    ``diffusion_negatives`` sampled columns per step (``1 <= n < n_entities``).
+    ``diffusion_negatives`` sampled columns per step (``1 <= n < n_entities``); in the sampled
+    mode, ``ckgc_samples`` > 0 samples the CKGC's items (two samples of that many, unbiased;
+    0: every item) and ``denoiser_adam="lazy"`` moves only the rows a step touched
+    (:mod:`~diffkg_fast.model.diffkg.lazy_adam`; ``"dense"``: torch's Adam, every row).
+    ``rebuild_mode="sampled"``: each row's top-k among its own edges and
+    ``diffusion_negatives`` competitor columns (:mod:`~diffkg_fast.ops.rebuild_sampled`),
+    instead of among all columns (``"exact"``).
     """
 
     def __init__(self, kg: KGCSR, n_items: int, train: sp.spmatrix, *,
@@ -95,10 +107,15 @@ class KGDiffusion(nn.Module):
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", lr: float = 1e-3, batch: int = 1024,
                  diffusion_passes: int = 1, diffusion_mode: str = "exact",
-                 diffusion_negatives: int = 256, denoiser_sharding: str = "replicate",
+                 diffusion_negatives: int = 256, ckgc_samples: int = 0,
+                 denoiser_adam: str = "dense", rebuild_mode: str = "exact",
+                 denoiser_sharding: str = "replicate",
                  seed: int = 421, init: torch.Generator | None = None) -> None:
         super().__init__()
-        check_mode(diffusion_mode, diffusion_negatives, kg.n_entities, diffusion_precision)
+        check_mode(diffusion_mode, diffusion_negatives, kg.n_entities, diffusion_precision,
+                   ckgc_samples, denoiser_adam, n_items)
+        check_rebuild(rebuild_mode, diffusion_negatives, rebuild_k, sampling_steps,
+                      diffusion_precision)
         if denoiser_sharding not in SHARDINGS:
             raise ValueError(f"denoiser_sharding must be one of {SHARDINGS}, got "
                              f"{denoiser_sharding!r}")
@@ -110,13 +127,17 @@ class KGDiffusion(nn.Module):
         self.passes = diffusion_passes
         self.precision = diffusion_precision
         self.mode, self.n_negatives = diffusion_mode, diffusion_negatives
-        # The sampled mode's membership tests (is a sampled column an edge of the row?).
-        self.keys = edge_keys(kg.rowptr, kg.col, kg.n_entities) if self.sampled else None
+        self.ckgc_samples, self.lazy = ckgc_samples, denoiser_adam == "lazy"
+        self.rebuild_mode = rebuild_mode
+        # The sampled modes' membership tests (is a sampled column an edge of the row?).
+        self.keys = (edge_keys(kg.rowptr, kg.col, kg.n_entities)
+                     if self.sampled or rebuild_mode == "sampled" else None)
         self.denoiser = Denoiser(kg.n_entities, dims[0], d_emb_size, norm=norm,
                                  dropout=denoiser_dropout,
                                  generator=rng_stream(seed, "init") if init is None else init,
                                  device=dev)
-        self.opt = torch.optim.Adam(self.denoiser.parameters(), lr=lr)
+        self.opt: torch.optim.Optimizer = (LazyAdam if self.lazy else torch.optim.Adam)(
+            self.denoiser.parameters(), lr=lr)
         self.schedule = DiffusionSchedule(steps, noise_scale, noise_min, noise_max)
         # R^T (I × U), for R^T U_emb once per pass.
         self.rt = torch_csr((sp.csr_matrix(train) != 0).T.astype(np.float32), dev)
@@ -173,12 +194,6 @@ class KGDiffusion(nn.Module):
     def sampled(self) -> bool:
         return self.mode == "sampled"
 
-    def sampled_loss(self, batch: SampledBatch, r_t_u: Tensor, ent_rows: Tensor,
-                     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The sampled mode's diffusion + CKGC loss of one batch (:func:`draw_sampled`)."""
-        return diffusion_loss_sampled(self.denoiser, batch, self.schedule, self.n_items, r_t_u,
-                                      ent_rows, self.e_loss)
-
     def train_pass(self, user: Tensor, entity: Tensor, limit: int | None = None,
                    ) -> dict[str, float]:
         """``diffusion_passes`` Adam passes over every entity row (each shuffled, ``batch`` rows
@@ -214,29 +229,55 @@ class KGDiffusion(nn.Module):
             if limit is not None and n_batches >= limit:
                 break
             rows = perm[start:start + self.batch]
-            if self.dist.active:
-                loss, parts, factor = self._part_loss(rows, gen, r_t_u, ent)
-            elif self.sampled:  # the draws are B × n, small: from the CPU stream itself
-                batch = draw_sampled(kg.rowptr, kg.col, self.keys, rows, kg.n_entities,
-                                     self.steps, self.n_negatives, self.denoiser.dropout, gen)
-                loss, parts = self.sampled_loss(batch, r_t_u, ent[rows])
-            else:
-                x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
-                t, noise = draw_timesteps_noise(x0, self.steps, gen)
-                loss, parts = self(x0, t, noise, r_t_u, ent[rows])
-            self.opt.zero_grad(set_to_none=True)
-            if self.dist.active:
-                (loss * factor).backward()
-                share = factor / self.dist.world  # summed over ranks: the batch's mean
-            else:
-                loss.backward()
-                share = 1.0
-            self.opt.step()
+            step = self._sampled_step if self.sampled else self._dense_step
+            loss, parts, share = step(rows, gen, r_t_u, ent)
             sums["diff_loss"] += share * float(loss.detach())
             sums["diff"] += share * float(parts["diff"])
             sums["ckgc"] += share * float(parts["ckgc"])
             n_batches += 1
         return n_batches
+
+    def _dense_step(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
+                    ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """One Adam step on the dense rows ``rows`` (this rank's part when data-parallel):
+        the loss, its parts and this rank's share of the batch's mean."""
+        kg = self.kg
+        if self.dist.active:
+            loss, parts, factor = self._part_loss(rows, gen, r_t_u, ent)
+        else:
+            x0 = kg_rows(kg.rowptr, kg.col, rows, kg.n_entities)
+            t, noise = draw_timesteps_noise(x0, self.steps, gen)
+            loss, parts = self(x0, t, noise, r_t_u, ent[rows])
+            factor = 1.0
+        self.opt.zero_grad(set_to_none=True)
+        (loss * factor if self.dist.active else loss).backward()
+        self.opt.step()
+        # Summed over ranks, the shares make the batch's mean.
+        return loss, parts, factor / self.dist.world if self.dist.active else 1.0
+
+    def _sampled_step(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
+                      ) -> tuple[Tensor, dict[str, Tensor], float]:
+        """One sampled-mode Adam step on the rows ``rows``: the draws (B × n, small: from the
+        CPU stream itself), the loss on compact copies of the touched entities' weights
+        (backward fills K × H gradients, not E × H), then the lazy step on those rows, or the
+        dense step on the gradients scattered into full ones."""
+        kg, den = self.kg, self.denoiser
+        batch = draw_sampled(kg.rowptr, kg.col, self.keys, rows, kg.n_entities, self.steps,
+                             self.n_negatives, den.dropout, gen,
+                             ckgc_samples=self.ckgc_samples, item_count=self.n_items)
+        ew = entity_weights(den, batch, self.n_items)
+        loss, parts = diffusion_loss_sampled(den, batch, self.schedule, self.n_items, r_t_u,
+                                             ent[rows], self.e_loss, weights=ew)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = row_grads(den, ew)
+        if self.lazy:
+            self.opt.step(grads)
+        else:
+            for p, (dim, idx, g) in grads.items():
+                p.grad = torch.zeros_like(p).index_copy_(dim, idx, g)
+            self.opt.step()
+        return loss, parts, 1.0
 
     def _part_loss(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor], float]:
@@ -272,7 +313,11 @@ class KGDiffusion(nn.Module):
         self.denoiser.eval()
         den = self.plain_denoiser()
         rows = self.rows if limit is None else self.rows[:limit * self.batch]
-        if self.dist.active and self.sampling_steps == 0:
+        if self.rebuild_mode == "sampled":  # cheap: every rank runs it whole, same draws
+            _, idx = sample_topk_candidates(den, kg.rowptr, kg.col, self.keys, rows,
+                                            self.schedule, self.rebuild_k, self.n_negatives,
+                                            batch_size=self.batch, generator=gen)
+        elif self.dist.active and self.sampling_steps == 0:
             idx = self._sharded_topk(den, rows)
         else:
             # With sampling_steps > 0 each batch's start noise comes from the stream in batch
@@ -321,15 +366,59 @@ def _full_tensors(module: nn.Module, state: dict[str, Any], prefix: str, _meta: 
             state[k] = full_state(v)
 
 
-def check_mode(mode: str, negatives: int, n_entities: int, precision: str = "fp32") -> None:
+def row_grads(den: Denoiser, ew: EntityWeights) -> dict[Tensor, RowGrad]:
+    """The gradients of a compact step (:func:`entity_weights`, after backward) as the rows of
+    the denoiser's parameters they belong to: W1's touched and time columns, W2's and b2's
+    touched rows."""
+    n, w1 = den.n_entities, den.in_layer.weight
+    cols = torch.cat([ew.index, torch.arange(n, w1.shape[1], device=w1.device)])
+    assert ew.w1.grad is not None and ew.w1_time.grad is not None
+    return {w1: (1, cols, torch.cat([ew.w1.grad.t(), ew.w1_time.grad], 1)),
+            den.out_layer.weight: (0, ew.index, ew.w2.grad),
+            den.out_layer.bias: (0, ew.index, ew.b2.grad)}
+
+
+def check_rebuild(mode: str, negatives: int, k: int, sampling_steps: int,
+                  precision: str) -> None:
+    """Raise ``ValueError`` naming the option when ``rebuild_mode`` cannot run as asked."""
+    if mode not in REBUILD_MODES:
+        raise ValueError(f"rebuild_mode must be one of {REBUILD_MODES}, got {mode!r}")
+    if mode == "exact":
+        return
+    if sampling_steps != 0:
+        raise ValueError(f"rebuild_mode='sampled' starts from the KG rows themselves: it needs "
+                         f"sampling_steps=0, got {sampling_steps}")
+    if precision != "fp32":
+        raise ValueError(f"rebuild_mode='sampled' computes in float32 only; got "
+                         f"diffusion_precision={precision!r}")
+    if k > negatives:
+        raise ValueError(f"rebuild_mode='sampled' with rebuild_k={k} > diffusion_negatives="
+                         f"{negatives} (the competitor columns): raise diffusion_negatives")
+
+
+def check_mode(mode: str, negatives: int, n_entities: int, precision: str = "fp32",
+               ckgc_samples: int = 0, denoiser_adam: str = "dense", n_items: int = 0) -> None:
     """Raise ``ValueError`` naming the option when ``diffusion_mode`` cannot run on a KG of
     ``n_entities`` (the data-dependent half of :meth:`DiffKG.check_options`)."""
     if mode not in DIFFUSION_MODES:
         raise ValueError(f"diffusion_mode must be one of {DIFFUSION_MODES}, got {mode!r}")
     if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
         raise ValueError(f"diffusion_negatives must be an integer >= 1, got {negatives!r}")
+    if isinstance(ckgc_samples, bool) or not isinstance(ckgc_samples, int) or ckgc_samples < 0:
+        raise ValueError(f"ckgc_samples must be an integer >= 0, got {ckgc_samples!r}")
+    if denoiser_adam not in DENOISER_ADAMS:
+        raise ValueError(f"denoiser_adam must be one of {DENOISER_ADAMS}, got "
+                         f"{denoiser_adam!r}")
     if mode != "sampled":
+        for name, value, default in (("ckgc_samples", ckgc_samples, 0),
+                                     ("denoiser_adam", denoiser_adam, "dense")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} needs diffusion_mode='sampled' (the exact "
+                                 f"mode reads every row at every step); drop {name}")
         return
+    if ckgc_samples and n_items and ckgc_samples >= n_items:
+        raise ValueError(f"ckgc_samples={ckgc_samples} >= the {n_items} items: sampling would "
+                         f"cost more than the exact CKGC; use ckgc_samples=0 or < {n_items}")
     if negatives >= n_entities:
         raise ValueError(
             f"diffusion_mode='sampled' with diffusion_negatives={negatives} >= the KG's "

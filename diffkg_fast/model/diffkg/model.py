@@ -52,7 +52,14 @@ from diffkg_fast.model.base import (
     check_options,
 )
 from diffkg_fast.model.ddi_loss import DDILoss, controlled, ddi_pairs_of, set_size_of
-from diffkg_fast.model.diffkg.diffusion import DIFFUSION_MODES, KGDiffusion, check_mode
+from diffkg_fast.model.diffkg.diffusion import (
+    DENOISER_ADAMS,
+    DIFFUSION_MODES,
+    REBUILD_MODES,
+    KGDiffusion,
+    check_mode,
+    check_rebuild,
+)
 from diffkg_fast.model.diffkg.encoder import KGEncoder
 from diffkg_fast.model.diffkg.quality import KGQuality
 from diffkg_fast.model.diffkg.sharding import SHARDINGS
@@ -107,6 +114,8 @@ class DiffKG(EmbeddingRecommender):
                  e_loss: float = 0.5, keepRate: float = 0.5, denoiser_dropout: float = 0.5,
                  diffusion_precision: str = "fp32", diffusion_passes: int = 1,
                  diffusion_mode: str = "exact", diffusion_negatives: int = 256,
+                 ckgc_samples: int = 0, denoiser_adam: str = "dense",
+                 rebuild_mode: str = "exact",
                  denoiser_sharding: str = "replicate",
                  cl_mode: str = "all", cl_negatives: int = 1024,
                  ddi_loss: bool = False, target_ddi: float = 0.06, kp: float = 0.05,
@@ -119,7 +128,8 @@ class DiffKG(EmbeddingRecommender):
         self.n_users, self.n_items, self.n_entities = n_users, n_items, n_entities
         self.reg, self.ssl_reg, self.temp, self.cl_pattern = reg, ssl_reg, temp, cl_pattern
         self.check_data_options(n_users, n_items, n_entities, use_diffusion, diffusion_mode,
-                                diffusion_negatives, cl_mode, cl_negatives)
+                                diffusion_negatives, cl_mode, cl_negatives, ckgc_samples,
+                                denoiser_adam)
         self.cl_mode, self.cl_negatives = cl_mode, cl_negatives
         # Its own stream, made only when used: the other streams, and the state of a run
         # without it, stay what they were.
@@ -144,7 +154,9 @@ class DiffKG(EmbeddingRecommender):
             sampling_steps=sampling_steps, rebuild_k=rebuild_k, e_loss=e_loss, keepRate=keepRate,
             denoiser_dropout=denoiser_dropout, diffusion_precision=diffusion_precision, lr=lr,
             batch=batch, diffusion_passes=diffusion_passes, diffusion_mode=diffusion_mode,
-            diffusion_negatives=diffusion_negatives, denoiser_sharding=denoiser_sharding,
+            diffusion_negatives=diffusion_negatives, ckgc_samples=ckgc_samples,
+            denoiser_adam=denoiser_adam, rebuild_mode=rebuild_mode,
+            denoiser_sharding=denoiser_sharding,
             seed=seed, init=init)
         self.quality = None if not use_diffusion else KGQuality(self.kg_full, seed)
         if ddi_loss and ddi_pairs is None:
@@ -172,19 +184,23 @@ class DiffKG(EmbeddingRecommender):
                                "batch", "d_emb_size", "diffusion_passes", "kp",
                                "diffusion_negatives", "cl_negatives"),
             non_negative=("gnn_layer", "layer_num_kg", "reg", "ssl_reg", "sampling_steps",
-                          "noise_min", "noise_max", "seed", "ddi_scale"),
+                          "noise_min", "noise_max", "seed", "ddi_scale", "ckgc_samples"),
             unit=("keepRate", "e_loss", "mess_dropout_rate", "denoiser_dropout", "target_ddi"),
             choices={"cl_pattern": (0, 1), "diffusion_precision": PRECISIONS,
                      "diffusion_mode": DIFFUSION_MODES, "cl_mode": CL_MODES,
-                     "denoiser_sharding": SHARDINGS})
-        for name in ("diffusion_negatives", "cl_negatives"):
-            v = options.get(name, 1)
+                     "denoiser_sharding": SHARDINGS, "denoiser_adam": DENOISER_ADAMS,
+                     "rebuild_mode": REBUILD_MODES})
+        for name, low in (("diffusion_negatives", 1), ("cl_negatives", 1), ("ckgc_samples", 0)):
+            v = options.get(name, low)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if options.get("diffusion_mode") == "sampled" and \
                 options.get("diffusion_precision", "fp32") != "fp32":
             raise ValueError(f"diffusion_mode='sampled' computes in float32 only; got "
                              f"diffusion_precision={options['diffusion_precision']!r}")
+        check_rebuild(options.get("rebuild_mode", "exact"),
+                      options.get("diffusion_negatives", 256), options.get("rebuild_k", 1),
+                      options.get("sampling_steps", 0), options.get("diffusion_precision", "fp32"))
         dims = options.get("dims", (1000,))
         if len(dims) != 1 or int(dims[0]) < 1:
             # The denoiser (ops.diffusion.Denoiser) has one hidden layer, as DiffKG's default.
@@ -199,13 +215,14 @@ class DiffKG(EmbeddingRecommender):
     @staticmethod
     def check_data_options(n_users: int, n_items: int, n_entities: int, use_diffusion: bool,
                            diffusion_mode: str, diffusion_negatives: int, cl_mode: str,
-                           cl_negatives: int) -> None:
+                           cl_negatives: int, ckgc_samples: int = 0,
+                           denoiser_adam: str = "dense") -> None:
         """The large-KG options against the data's sizes: ``ValueError`` naming the option."""
-        if diffusion_mode == "sampled":
-            if not use_diffusion:
-                raise ValueError("diffusion_mode='sampled' needs use_diffusion=True (there is "
-                                 "no denoiser to train); drop diffusion_mode")
-            check_mode(diffusion_mode, diffusion_negatives, n_entities)
+        if diffusion_mode == "sampled" and not use_diffusion:
+            raise ValueError("diffusion_mode='sampled' needs use_diffusion=True (there is no "
+                             "denoiser to train); drop diffusion_mode")
+        check_mode(diffusion_mode, diffusion_negatives, n_entities, ckgc_samples=ckgc_samples,
+                   denoiser_adam=denoiser_adam, n_items=n_items)
         if cl_mode == "sampled" and cl_negatives >= max(n_users, n_items):
             raise ValueError(
                 f"cl_mode='sampled' with cl_negatives={cl_negatives} >= both the {n_users} users "
