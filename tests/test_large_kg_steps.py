@@ -256,6 +256,8 @@ def test_bad_options_name_the_option(bad: dict, needle: str) -> None:
     ({"ckgc_samples": 4}, "ckgc_samples=4 needs diffusion_mode='sampled'"),
     ({"denoiser_adam": "lazy"}, "denoiser_adam='lazy' needs diffusion_mode='sampled'"),
     ({"diffusion_mode": "sampled", "ckgc_samples": 15}, "ckgc_samples=15 >= the 15 items"),
+    ({"rebuild_mode": "sampled", "diffusion_negatives": 10**9}, "diffusion_negatives=1000000000"),
+    ({"rebuild_mode": "sampled", "use_diffusion": False}, "rebuild_mode='sampled' needs use_d"),
 ])
 def test_an_option_the_mode_or_data_cannot_use_is_an_error(tiny, bad: dict, needle: str,
                                                            ) -> None:

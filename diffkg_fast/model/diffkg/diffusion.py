@@ -115,7 +115,7 @@ class KGDiffusion(nn.Module):
         check_mode(diffusion_mode, diffusion_negatives, kg.n_entities, diffusion_precision,
                    ckgc_samples, denoiser_adam, n_items)
         check_rebuild(rebuild_mode, diffusion_negatives, rebuild_k, sampling_steps,
-                      diffusion_precision)
+                      diffusion_precision, kg.n_entities)
         if denoiser_sharding not in SHARDINGS:
             raise ValueError(f"denoiser_sharding must be one of {SHARDINGS}, got "
                              f"{denoiser_sharding!r}")
@@ -379,8 +379,9 @@ def row_grads(den: Denoiser, ew: EntityWeights) -> dict[Tensor, RowGrad]:
 
 
 def check_rebuild(mode: str, negatives: int, k: int, sampling_steps: int,
-                  precision: str) -> None:
-    """Raise ``ValueError`` naming the option when ``rebuild_mode`` cannot run as asked."""
+                  precision: str, n_entities: int | None = None) -> None:
+    """Raise ``ValueError`` naming the option when ``rebuild_mode`` cannot run as asked (on a
+    KG of ``n_entities``, when given)."""
     if mode not in REBUILD_MODES:
         raise ValueError(f"rebuild_mode must be one of {REBUILD_MODES}, got {mode!r}")
     if mode == "exact":
@@ -394,6 +395,10 @@ def check_rebuild(mode: str, negatives: int, k: int, sampling_steps: int,
     if k > negatives:
         raise ValueError(f"rebuild_mode='sampled' with rebuild_k={k} > diffusion_negatives="
                          f"{negatives} (the competitor columns): raise diffusion_negatives")
+    if n_entities is not None and negatives >= n_entities:
+        raise ValueError(f"rebuild_mode='sampled' with diffusion_negatives={negatives} >= the "
+                         f"KG's {n_entities} entities: ranking against every column is "
+                         f"rebuild_mode='exact'; use it, or diffusion_negatives < {n_entities}")
 
 
 def check_mode(mode: str, negatives: int, n_entities: int, precision: str = "fp32",

@@ -129,7 +129,7 @@ class DiffKG(EmbeddingRecommender):
         self.reg, self.ssl_reg, self.temp, self.cl_pattern = reg, ssl_reg, temp, cl_pattern
         self.check_data_options(n_users, n_items, n_entities, use_diffusion, diffusion_mode,
                                 diffusion_negatives, cl_mode, cl_negatives, ckgc_samples,
-                                denoiser_adam)
+                                denoiser_adam, rebuild_mode)
         self.cl_mode, self.cl_negatives = cl_mode, cl_negatives
         # Its own stream, made only when used: the other streams, and the state of a run
         # without it, stay what they were.
@@ -216,11 +216,12 @@ class DiffKG(EmbeddingRecommender):
     def check_data_options(n_users: int, n_items: int, n_entities: int, use_diffusion: bool,
                            diffusion_mode: str, diffusion_negatives: int, cl_mode: str,
                            cl_negatives: int, ckgc_samples: int = 0,
-                           denoiser_adam: str = "dense") -> None:
+                           denoiser_adam: str = "dense", rebuild_mode: str = "exact") -> None:
         """The large-KG options against the data's sizes: ``ValueError`` naming the option."""
-        if diffusion_mode == "sampled" and not use_diffusion:
-            raise ValueError("diffusion_mode='sampled' needs use_diffusion=True (there is no "
-                             "denoiser to train); drop diffusion_mode")
+        for name, value in (("diffusion_mode", diffusion_mode), ("rebuild_mode", rebuild_mode)):
+            if value == "sampled" and not use_diffusion:
+                raise ValueError(f"{name}='sampled' needs use_diffusion=True (there is no "
+                                 f"denoiser to train); drop {name}")
         check_mode(diffusion_mode, diffusion_negatives, n_entities, ckgc_samples=ckgc_samples,
                    denoiser_adam=denoiser_adam, n_items=n_items)
         if cl_mode == "sampled" and cl_negatives >= max(n_users, n_items):
