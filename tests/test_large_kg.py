@@ -341,6 +341,13 @@ def tiny():
     ({"cl_negatives": 0}, "cl_negatives"),
     ({"cl_mode": "some"}, "cl_mode"),
     ({"diffusion_mode": "sampled", "diffusion_precision": "bf16"}, "diffusion_precision"),
+    ({"ckgc_samples": -1}, "ckgc_samples"),
+    ({"ckgc_samples": 1.5}, "ckgc_samples"),
+    ({"denoiser_adam": "sparse"}, "denoiser_adam"),
+    ({"rebuild_mode": "fast"}, "rebuild_mode"),
+    ({"rebuild_mode": "sampled", "sampling_steps": 2}, "sampling_steps=0"),
+    ({"rebuild_mode": "sampled", "diffusion_precision": "bf16"}, "diffusion_precision"),
+    ({"rebuild_mode": "sampled", "rebuild_k": 9, "diffusion_negatives": 8}, "rebuild_k=9"),
 ])
 def test_bad_options_name_the_option(bad: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -353,6 +360,11 @@ def test_bad_options_name_the_option(bad: dict, needle: str) -> None:
     ({"diffusion_mode": "sampled", "diffusion_negatives": 10_000}, "diffusion_negatives=10000"),
     ({"diffusion_mode": "sampled", "use_diffusion": False}, "use_diffusion"),
     ({"cl_mode": "sampled", "cl_negatives": 60}, "cl_negatives=60"),
+    ({"ckgc_samples": 4}, "ckgc_samples=4 needs diffusion_mode='sampled'"),
+    ({"denoiser_adam": "lazy"}, "denoiser_adam='lazy' needs diffusion_mode='sampled'"),
+    ({"diffusion_mode": "sampled", "ckgc_samples": 15}, "ckgc_samples=15 >= the 15 items"),
+    ({"rebuild_mode": "sampled", "diffusion_negatives": 10**9}, "diffusion_negatives=1000000000"),
+    ({"rebuild_mode": "sampled", "use_diffusion": False}, "rebuild_mode='sampled' needs use_d"),
 ])
 def test_a_mode_the_data_cannot_support_is_an_error(tiny, bad: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
