@@ -74,7 +74,7 @@ from diffkg_fast.ops.attention import dropout_mask
 from diffkg_fast.ops.graph import KGCSR, csr_offsets, kg_with_inverses
 from diffkg_fast.ops.segment import segment_softmax
 from diffkg_fast.ops.spmm import csr_spmm
-from diffkg_fast.train.sampling import sample_negatives
+from diffkg_fast.utils.negatives import sample_negatives
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["KGAT", "Aggregator", "RelationGroup", "attention_logits", "collaborative_kg",
