@@ -373,6 +373,10 @@ def _dying_worker(rank: int, world: int, out: str) -> None:
         msg = "no error"
     except launch.DistributedError as exc:
         msg = str(exc)
+    finally:
+        # As `diffkg-fast train` does: without it the process group's destructor runs at
+        # interpreter exit, where gloo with a dead peer aborted rank 0 now and then (SIGABRT).
+        launch.shutdown(d)
     Path(out, f"dying{rank}.json").write_text(json.dumps(
         {"msg": msg, "s": time.perf_counter() - t0}))
 
