@@ -57,7 +57,8 @@ from diffkg_fast.ops.diffusion import (
 )
 from diffkg_fast.ops.graph import csr_offsets
 
-__all__ = ["PRECISIONS", "SamplerFactors", "sample_hidden", "sample_topk_hidden"]
+__all__ = ["PRECISIONS", "SamplerFactors", "distinct_entries", "sample_hidden",
+           "sample_topk_hidden"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 _NORM_EPS = 1e-12  # F.normalize's default
@@ -135,15 +136,21 @@ def _precision(precision: str, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _sparse_start(fac: SamplerFactors, rowptr: Tensor, col: Tensor,
-                  rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(z, y, n, p)`` of the binary KG rows ``rows``: sums of ``W1ᵀ`` / ``W2`` rows over each
-    row's distinct columns (duplicate CSR entries count once, as in ``kg_rows``)."""
-    n_ent = fac.w2.shape[0]
+def distinct_entries(rowptr: Tensor, col: Tensor, rows: Tensor,
+                     n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row_of, cols, ptr)`` of the CSR rows ``rows``' distinct entries, grouped by row
+    (position in ``rows``, ascending columns; ``ptr`` their offsets): duplicate CSR entries
+    count once, as in ``kg_rows``."""
     row_of, pos = csr_row_entries(rowptr, rows)
-    keys = torch.unique(row_of * n_ent + col[pos])  # sorted: grouped by batch row
-    row_of, cols = keys // n_ent, keys % n_ent
-    ptr = csr_offsets(row_of, rows.numel())
+    keys = torch.unique(row_of * n_cols + col[pos])  # sorted: grouped by batch row
+    row_of, cols = keys // n_cols, keys % n_cols
+    return row_of, cols, csr_offsets(row_of, rows.numel())
+
+
+def _sparse_start(fac: SamplerFactors, cols: Tensor,
+                  ptr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(z, y, n, p)`` of binary KG rows given by their distinct columns ``cols`` grouped by
+    ``ptr`` (:func:`distinct_entries`): sums of ``W1ᵀ`` / ``W2`` rows over each row's columns."""
     offsets, counts = ptr[:-1], ptr[1:] - ptr[:-1]
     z = F.embedding_bag(cols, fac.w1t, offsets, mode="sum")
     y = F.embedding_bag(cols, fac.w2, offsets, mode="sum")
@@ -287,7 +294,8 @@ def sample_topk_hidden(
                                         dtype=fac.w2.dtype)
                 summ = _noisy_start(fac, x0, schedule, sampling_steps, generator)
             else:
-                summ = _sparse_start(fac, rowptr, col, batch)
+                _, cols, ptr = distinct_entries(rowptr, col, batch, denoiser.n_entities)
+                summ = _sparse_start(fac, cols, ptr)
             v, i = topk(fac, _last_hidden(fac, *summ, fused_steps=fused_steps), k)
             vals.append(v)
             idx.append(i)

@@ -337,10 +337,14 @@ def _ckgc(a: Tensor, ew: EntityWeights, items: Tensor | None, v: Tensor, e: Tens
                              "hold entities 0 … item_count-1")
         u = a @ (ew.w2[:n_items].T @ v) + ew.b2[:n_items] @ v
         return (u - e).pow(2).mean(-1).mean()
-    # û = x̂[:, c] (I/m) V[c], formed as the exact form is: the H × d product first (m·H·d).
     scale = n_items / items.shape[1]
-    u1, u2 = (a @ (take_rows(ew.w2, ew.at(c)).T @ vc) + ew.b2[ew.at(c)] @ vc
-              for c in items for vc in (scale * v[c],))
+
+    def sample_u(c: Tensor) -> Tensor:
+        # û = x̂[:, c] (I/m) V[c], formed as the exact form is: the H × d product first.
+        pos, vc = ew.at(c), scale * v[c]
+        return a @ (take_rows(ew.w2, pos).T @ vc) + ew.b2[pos] @ vc
+
+    u1, u2 = (sample_u(c) for c in items)
     return ((u1 - e) * (u2 - e)).mean(-1).mean()
 
 

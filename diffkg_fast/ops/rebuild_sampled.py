@@ -27,10 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffkg_fast.ops.diffusion import Denoiser, DiffusionSchedule, csr_row_entries
-from diffkg_fast.ops.diffusion_sample_fused import SamplerFactors, _last_hidden, _sparse_start
+from diffkg_fast.ops.diffusion import Denoiser, DiffusionSchedule
+from diffkg_fast.ops.diffusion_sample_fused import (
+    SamplerFactors,
+    _last_hidden,
+    _sparse_start,
+    distinct_entries,
+)
 from diffkg_fast.ops.diffusion_sampled import is_edge
-from diffkg_fast.ops.graph import csr_offsets
 from diffkg_fast.ops.rows import rows as take_rows
 
 __all__ = ["sample_topk_candidates"]
@@ -56,15 +60,16 @@ def sample_topk_candidates(
     vals, cols = [], []
     for start in range(0, rows.numel(), batch_size):
         batch = rows[start:start + batch_size].to(rowptr.device)
-        a = _last_hidden(fac, *_sparse_start(fac, rowptr, col, batch))
+        # The rows' distinct edges: the chain's start and the first candidates.
+        edges = distinct_entries(rowptr, col, batch, n_ent)
+        a = _last_hidden(fac, *_sparse_start(fac, *edges[1:]))
         comp = competitors if competitors is not None else torch.randint(
             n_ent, (n_competitors,), generator=generator).to(rowptr.device)
-        v, c = _candidates(fac, a, rowptr, col, keys, batch, comp)
+        v, c = _candidates(fac, a, edges, keys, batch, comp)
         top_v, j = torch.topk(v, k, dim=-1)
         top_c = c.gather(1, j)
         # Padding and masked competitors are -inf: never picked over a finite candidate.
-        missing = top_v.isinf() & (top_v < 0)
-        top_c = torch.where(missing, top_c[:, :1], top_c)
+        top_c = torch.where(top_v == -torch.inf, top_c[:, :1], top_c)
         vals.append(top_v)
         cols.append(top_c)
     if not vals:
@@ -72,17 +77,15 @@ def sample_topk_candidates(
     return torch.cat(vals), torch.cat(cols)
 
 
-def _candidates(fac: SamplerFactors, a: Tensor, rowptr: Tensor, col: Tensor, keys: Tensor,
-                batch: Tensor, comp: Tensor) -> tuple[Tensor, Tensor]:
+def _candidates(fac: SamplerFactors, a: Tensor, edges: tuple[Tensor, Tensor, Tensor],
+                keys: Tensor, batch: Tensor, comp: Tensor) -> tuple[Tensor, Tensor]:
     """The candidates' denoised values and columns (B × (max degree + n)): each row's distinct
-    edges (padded with -inf), then the competitors (-inf where one is an edge of the row)."""
+    ``edges`` (:func:`distinct_entries`; padded with -inf), then the competitors (-inf where
+    one is an edge of the row)."""
     n_ent, c1 = fac.w2.shape[0], fac.c1[0]
-    row_of, pos = csr_row_entries(rowptr, batch)
-    edge = torch.unique(row_of * n_ent + col[pos])  # sorted: grouped by batch row, distinct
-    er, ec = edge // n_ent, edge % n_ent
-    ptr = csr_offsets(er, batch.numel())
-    width = int((ptr[1:] - ptr[:-1]).max()) if edge.numel() else 0
-    slot = torch.arange(edge.numel(), device=edge.device) - ptr[er]
+    er, ec, ptr = edges
+    width = int((ptr[1:] - ptr[:-1]).max()) if ec.numel() else 0
+    slot = torch.arange(ec.numel(), device=ec.device) - ptr[er]
     ev = c1 * ((take_rows(a, er) * take_rows(fac.w2, ec)).sum(-1) + fac.b2[ec])
     edge_v = a.new_full((batch.numel(), width), -torch.inf)
     edge_c = torch.zeros((batch.numel(), width), dtype=torch.long, device=a.device)
