@@ -5,8 +5,11 @@ the sampled CKGC term and the candidate rebuild, against the dense computations 
   gradients and, with ``denoiser_adam='dense'``, its Adam update;
 - ``LazyAdam`` is ``torch.optim.Adam`` where every row is touched, and a literal per-row loop
   where not (untouched rows keep weights and moments);
-- the sampled CKGC is unbiased: the mean of 4,000 draws against the exact value, within 5
-  standard errors from the draws' own variance (as tests/test_large_kg.py); float64 gradcheck;
+- the sampled CKGC: its value and its gradient in the hidden activations are the exact ones at
+  every draw, its item rows' gradient is unbiased (the mean of 4,000 draws against the exact
+  gradient, within 5 standard errors from the draws' own variance, as tests/test_large_kg.py)
+  and exact with every item drawn once; the item product stays current over a pass, lazy and
+  dense; float64 gradcheck;
 - the candidate rebuild with every column as a competitor is the exact top-k, and with sampled
   competitors keeps every edge the exact one keeps;
 - a run with all the options is seeded and resumes bit for bit (their bad values:
@@ -28,6 +31,7 @@ from diffkg_fast.model.diffkg.diffusion import row_grads
 from diffkg_fast.model.diffkg.lazy_adam import LazyAdam
 from diffkg_fast.ops.diffusion import Denoiser, DiffusionSchedule, sample_topk
 from diffkg_fast.ops.diffusion_sampled import (
+    ItemProduct,
     diffusion_loss_sampled,
     draw_sampled,
     edge_keys,
@@ -36,6 +40,10 @@ from diffkg_fast.ops.diffusion_sampled import (
 )
 from diffkg_fast.ops.rebuild_sampled import sample_topk_candidates
 from diffkg_fast.train import make_config, train
+
+
+def _product(den: Denoiser, v: torch.Tensor) -> ItemProduct:
+    return ItemProduct.of(den.out_layer.weight, den.out_layer.bias, v)
 
 
 def _batch(ckgc: int = 0, seed: int = 11):
@@ -54,11 +62,13 @@ def test_compact_step_has_the_dense_step_loss_and_gradients(ckgc: int) -> None:
     den.train()
     v, e_b = _tables()
     sch = DiffusionSchedule()
-    want, _ = diffusion_loss_sampled(den, batch, sch, N_ITEMS, v, e_b, 0.5)
+    prod = _product(den, v)
+    want, _ = diffusion_loss_sampled(den, batch, sch, N_ITEMS, v, e_b, 0.5, item_product=prod)
     want.backward()
     ew = entity_weights(den, batch, N_ITEMS)
     assert ew.index.numel() < N_ENT  # the test touches only some entities
-    got, _ = diffusion_loss_sampled(den, batch, sch, N_ITEMS, v, e_b, 0.5, weights=ew)
+    got, _ = diffusion_loss_sampled(den, batch, sch, N_ITEMS, v, e_b, 0.5, weights=ew,
+                                    item_product=prod)
     assert torch.allclose(got, want, rtol=1e-13, atol=0)
     got.backward()
     for p, (dim, idx, g) in row_grads(den, ew).items():
@@ -138,45 +148,98 @@ def test_lazy_first_pass_step_is_the_dense_one(tiny) -> None:
 
 
 # --------------------------------------------------------------------- sampled CKGC
+def _ckgc_parts(den: Denoiser, e_b: torch.Tensor, items: torch.Tensor | None):
+    """The CKGC term alone (``e_loss = 1``): its value and its gradients in W2, b2 and W1."""
+    v, _ = _tables()
+    batch = _batch()._replace(ckgc_cols=items)
+    loss, parts = diffusion_loss_sampled(den, batch, DiffusionSchedule(), N_ITEMS, v, e_b, 1.0,
+                                         item_product=_product(den, v))
+    grads = torch.autograd.grad(loss, (den.out_layer.weight, den.out_layer.bias,
+                                       den.in_layer.weight))
+    return parts["ckgc"], grads
+
+
 @pytest.mark.parametrize("target", ["zero", "entities"])
-def test_sampled_ckgc_is_unbiased(target: str) -> None:
-    """The CKGC estimate from two independent item samples of m = 6 of 11: its mean over
-    4,000 draws is the exact term, value and gradient of W2, within 5 standard errors. With a
-    zero target the term is all ``‖u‖²``, all sampled (there 5 SE is ~6% of the value: a 5%
-    error in the item weights fails it, tried); with the entities' embeddings as target the
-    exact ``‖e‖²`` dominates and the cross term is checked."""
+def test_sampled_ckgc_is_exact_in_value_and_unbiased_in_its_item_rows(target: str) -> None:
+    """m = 6 of 11 items, with replacement, 200 draws: at every draw the value and the
+    gradient of W1 (through the hidden activations) are the exact term's, and each item row of
+    W2 and b2 gets ``(I/m)·c_i`` times its exact gradient, ``c_i`` its count in the draw, no
+    other row any: unbiased, since ``E[c_i] = m/I`` (the draws' mean count is checked too).
+    An identity per draw, so a 5% error in the weight ``I/m`` fails it. With a zero target
+    the term is all ``‖u‖²``; with the entities' embeddings the cross term is in it too."""
     den = _denoiser(dropout=0.0)
     den.eval()
-    v, e_b = _tables()
+    e_b = _tables()[1]
     e_b = torch.zeros_like(e_b) if target == "zero" else e_b
-    sch, base, m = DiffusionSchedule(), _batch(), 4000
-    w2 = den.out_layer.weight
+    exact, (ew2, eb2, ew1) = _ckgc_parts(den, e_b, None)
+    assert ew2[:N_ITEMS].abs().min() > 0  # the exact gradient reaches every item row
+    g, m, draws, counts = torch.Generator().manual_seed(21), 6, 200, []
+    for _ in range(draws):
+        items = torch.randint(N_ITEMS, (m,), generator=g)
+        val, (w2, b2, w1) = _ckgc_parts(den, e_b, items)
+        c = torch.bincount(items, minlength=N_ITEMS).to(F64) * N_ITEMS / m
+        assert torch.allclose(val, exact, rtol=1e-12, atol=0)
+        assert torch.allclose(w1, ew1, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(w2[:N_ITEMS], c[:, None] * ew2[:N_ITEMS], rtol=1e-10, atol=1e-14)
+        assert torch.allclose(b2[:N_ITEMS], c * eb2[:N_ITEMS], rtol=1e-10, atol=1e-14)
+        assert not w2[N_ITEMS:].any() and not b2[N_ITEMS:].any()
+        counts.append(c)
+    c_t = torch.stack(counts)
+    _within(c_t.mean(0), c_t.std(0) / math.sqrt(draws), torch.ones(N_ITEMS, dtype=F64),
+            "the items' weighted counts")
 
-    def ckgc_and_grad(batch):
-        loss, parts = diffusion_loss_sampled(den, batch, sch, N_ITEMS, v, e_b, 1.0)
-        return parts["ckgc"], torch.autograd.grad(loss, w2)[0]
 
-    exact, exact_grad = ckgc_and_grad(base)
-    g = torch.Generator().manual_seed(21)
-    vals, grads = zip(*(ckgc_and_grad(base._replace(
-        ckgc_cols=torch.randint(N_ITEMS, (2, 6), generator=g))) for _ in range(m)),
-        strict=True)
-    vals_t, grads_t = torch.stack(vals), torch.stack(grads)
-    _within(vals_t.mean(), vals_t.std() / math.sqrt(m), exact, "CKGC")
-    _within(grads_t.mean(0), grads_t.std(0) / math.sqrt(m), exact_grad, "dCKGC/dW2")
+def test_sampled_ckgc_with_every_item_once_is_the_exact_ckgc() -> None:
+    den = _denoiser(dropout=0.0)
+    den.eval()
+    e_b = _tables()[1]
+    exact, want = _ckgc_parts(den, e_b, None)
+    val, got = _ckgc_parts(den, e_b, torch.arange(N_ITEMS))
+    assert torch.allclose(val, exact, rtol=1e-12, atol=0)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_sampled_ckgc_needs_the_item_product() -> None:
+    den, batch = _denoiser(), _batch(ckgc=3)
+    v, e_b = _tables()
+    with pytest.raises(ValueError, match="item_product"):
+        diffusion_loss_sampled(den, batch, DiffusionSchedule(), N_ITEMS, v, e_b, 0.5)
+
+
+@pytest.mark.parametrize("adam", ["lazy", "dense"])
+def test_item_product_stays_current_over_a_pass(tiny, adam: str) -> None:
+    """After a pass of sampled-CKGC steps (lazy: moved row by row; dense: formed anew), the
+    product the next step would read is ``W2[:I]ᵀ V`` at the denoiser's weights."""
+    model = _model(tiny, ckgc_samples=4, denoiser_adam=adam)
+    d = model.diffusion
+    before = d.denoiser.out_layer.weight.detach().clone()
+    model.on_epoch_start(0)
+    assert d._item_product is not None
+    w2, b2 = d.denoiser.out_layer.weight, d.denoiser.out_layer.bias
+    assert not torch.equal(w2[:d.n_items], before[:d.n_items])  # the item rows moved
+    v = torch.sparse.mm(d.rt, model.encoder.user.detach())  # V as the pass formed it
+    want = ItemProduct.of(w2, b2, v)
+    assert torch.allclose(d._item_product.w, want.w, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(d._item_product.b, want.b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradcheck_float64_compact_and_sampled_ckgc() -> None:
+    """With a sampled CKGC the loss is a surrogate in W2 and b2 (their gradient is sampled, the
+    value exact: tested above): gradcheck takes W1's entity and time columns, whose gradient
+    is the value's."""
     den, batch = _denoiser(), _batch(ckgc=3)
     den.train()
     v, e_b = _tables()
     ew = entity_weights(den, batch, N_ITEMS)
+    prod = _product(den, v)
 
-    def loss(w1, w2, b2, w1t):
+    def loss(w1, w1t):
         return diffusion_loss_sampled(den, batch, DiffusionSchedule(), N_ITEMS, v, e_b, 0.5,
-                                      weights=ew._replace(w1=w1, w2=w2, b2=b2, w1_time=w1t))[0]
+                                      weights=ew._replace(w1=w1, w1_time=w1t),
+                                      item_product=prod)[0]
 
-    assert torch.autograd.gradcheck(loss, (ew.w1, ew.w2, ew.b2, ew.w1_time))
+    assert torch.autograd.gradcheck(loss, (ew.w1, ew.w1_time))
 
 
 # --------------------------------------------------------------------- candidate rebuild

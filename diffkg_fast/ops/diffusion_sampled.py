@@ -31,12 +31,19 @@ hub columns predicted large dominate it); the relative s.d. is ``sqrt((E Σx̂�
 about ``sqrt(2/n)`` for Gaussian-like ``x̂``. The batch's rows share the draws, so the variance of
 the batch mean does not fall as ``1/B``.
 
-The **CKGC term is exact**: ``x̂[:I]ᵀ V = aᵀ (W2[:I]ᵀ V) + b2[:I]ᵀ V``, the H × d_emb product formed
-once per step (I·H·d_emb), then H·d_emb per row. An exact form of ``‖x̂‖²`` exists too, through the
-H × H Gram ``G = W2ᵀ W2`` (the hidden-space sampler's algebra): ``‖x̂‖² = aᵀ G a + 2 aᵀ W2ᵀ b2 +
-‖b2‖²``. But ``G`` changes with every Adam step: forming it and its backward cost ~2·E·H² MACs per
-step, E²·H²·2/B per epoch, still quadratic in E (0.4·H/B of the exact mode's GEMMs, 0.4 at
-H = 1000, B = 1024); it is the tests' oracle, not a mode.
+The **CKGC term**: ``x̂[:I]ᵀ V = aᵀ M + c`` with the H × d_emb product ``M = W2[:I]ᵀ V`` and
+``c = b2[:I]ᵀ V``. Exact by default: formed once per step from every item (I·H·d_emb), then
+H·d_emb per row. With ``ckgc_samples = m`` (``batch.ckgc_cols``: m items, uniform, with
+replacement) the step reads ``M`` and ``c`` from an :class:`ItemProduct` kept current across the
+pass's steps (formed once per pass, then moved by each step's item rows), so the term's value
+and its gradient in ``a`` stay exact; only the gradient in the items' rows of ``W2`` and ``b2``
+is sampled, the m rows taking ``(I/m)·`` their exact gradients (:func:`_ckgc`): unbiased.
+
+An exact form of ``‖x̂‖²`` exists too, through the H × H Gram ``G = W2ᵀ W2`` (the hidden-space
+sampler's algebra): ``‖x̂‖² = aᵀ G a + 2 aᵀ W2ᵀ b2 + ‖b2‖²``. But ``G`` changes with every Adam
+step: forming it and its backward cost ~2·E·H² MACs per step, E²·H²·2/B per epoch, still
+quadratic in E (0.4·H/B of the exact mode's GEMMs, 0.4 at H = 1000, B = 1024); it is the tests'
+oracle, not a mode.
 
 **Input: moment-matched, not exact in law.** The exact pre-activation splits as
 ``z = [Σ_{j∈S} m_j x_t,j W1_j + σ ν] / ((1-p) ‖x_t‖)``, ``ν = Σ_{j∉S} m_j ε_j W1_j``. The support
@@ -84,8 +91,9 @@ from diffkg_fast.ops.diffusion import (
 from diffkg_fast.ops.graph import csr_offsets
 from diffkg_fast.ops.rows import rows as take_rows
 
-__all__ = ["EntityWeights", "SampledBatch", "chi2_wilson_hilferty", "diffusion_loss_sampled",
-           "draw_sampled", "edge_keys", "entity_weights", "is_edge", "sampled_preactivation"]
+__all__ = ["EntityWeights", "ItemProduct", "SampledBatch", "chi2_wilson_hilferty",
+           "diffusion_loss_sampled", "draw_sampled", "edge_keys", "entity_weights", "is_edge",
+           "sampled_preactivation"]
 
 _NORM_EPS = 1e-12  # F.normalize's default, as the exact denoiser's input
 
@@ -112,7 +120,7 @@ class SampledBatch(NamedTuple):
     neg_cols: Tensor  # (n,) the output's negatives j
     neg_weight: Tensor  # (n,)
     neg_off: Tensor  # (B, n)
-    ckgc_cols: Tensor | None = None  # (2, m) two independent item samples, or None: exact CKGC
+    ckgc_cols: Tensor | None = None  # (m,) the CKGC's item sample, or None: exact CKGC
 
 
 class EntityWeights(NamedTuple):
@@ -134,6 +142,31 @@ class EntityWeights(NamedTuple):
     def at(self, cols: Tensor) -> Tensor:
         """Positions of the entity ids ``cols`` in ``index`` (each must be there)."""
         return torch.searchsorted(self.index, cols)
+
+
+class ItemProduct(NamedTuple):
+    """The CKGC's ``M = W2[:I]ᵀ V`` (H × d_emb) and ``c = b2[:I]ᵀ V`` (d_emb,) at the denoiser's
+    current weights, for a sampled CKGC (module docstring): formed once (:meth:`of`, I·H·d_emb),
+    then kept current by :meth:`moved` after each step, at (moved item rows)·H·d_emb."""
+
+    w: Tensor
+    b: Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, w2: Tensor, b2: Tensor, v: Tensor) -> ItemProduct:
+        """From the output layer's weight ``w2`` (E × H), bias ``b2`` (E,) and ``V`` (I × d)."""
+        n = v.shape[0]
+        return cls(w2[:n].T @ v, b2[:n] @ v)
+
+    @torch.no_grad()
+    def moved(self, rows: Tensor, before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
+              v: Tensor) -> ItemProduct:
+        """The product after a step moved the item rows ``rows`` (ids < I) of W2 and b2 from
+        ``before`` to ``after`` (each ``(W2 rows, b2 entries)``); every other row unchanged."""
+        vr = v[rows]
+        return ItemProduct(self.w + (after[0] - before[0]).T @ vr,
+                           self.b + (after[1] - before[1]) @ vr)
 
 
 def _own_weights(denoiser: Denoiser) -> EntityWeights:
@@ -205,8 +238,8 @@ def draw_sampled(rowptr: Tensor, col: Tensor, keys: Tensor, rows: Tensor, n_enti
     """The support of the KG rows ``rows`` (CSR ``rowptr``, ``col``; ``keys`` its
     :func:`edge_keys`) and the draws of one sampled step, from ``generator`` in this order:
     ``t``, the support's ε, χ, the sketch's columns and ξ, the negatives, then (``dropout > 0``)
-    the support's and the sketch's keep draws, then (``ckgc_samples > 0``) the CKGC's two
-    samples of ``ckgc_samples`` items of ``item_count``. Columns and items are uniform
+    the support's and the sketch's keep draws, then (``ckgc_samples > 0``) the CKGC's sample
+    of ``ckgc_samples`` items of ``item_count``. Columns and items are uniform
     (``ω = E / n``)."""
     if n_samples < 1:
         raise ValueError(f"diffusion_negatives must be >= 1, got {n_samples}")
@@ -238,7 +271,7 @@ def draw_sampled(rowptr: Tensor, col: Tensor, keys: Tensor, rows: Tensor, n_enti
     if ckgc_samples > 0:
         if item_count < 1:
             raise ValueError(f"ckgc_samples={ckgc_samples} needs item_count >= 1")
-        ckgc_cols = draw(torch.randint, item_count, (2, ckgc_samples))
+        ckgc_cols = draw(torch.randint, item_count, (ckgc_samples,))
     weight = torch.full((n_samples,), n_entities / n_samples, dtype=torch.float64, device=dev)
     return SampledBatch(
         t, csr_offsets(edge_row, n_rows), edge_row, edge_col, edge_eps, edge_keep, off_energy,
@@ -298,6 +331,7 @@ def sampled_preactivation(denoiser: Denoiser, batch: SampledBatch,
 def _diffusion_loss_sampled_reference(
     denoiser: Denoiser, batch: SampledBatch, schedule: DiffusionSchedule, item_count: int,
     R_T_U: Tensor, E_batch: Tensor, e_loss: float, weights: EntityWeights | None = None,
+    item_product: ItemProduct | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     if R_T_U.shape[0] != item_count:
         raise ValueError(f"R_T_U has {R_T_U.shape[0]} rows, expected item_count={item_count}")
@@ -318,18 +352,22 @@ def _diffusion_loss_sampled_reference(
     se = se + (nw * x_neg.pow(2)).sum(-1)
     rows_loss = step_weights_of(schedule, None, batch.t, a) * se / n_ent
     diff = rows_loss.mean()
-    ckgc = _ckgc(a, ew, batch.ckgc_cols, R_T_U.detach().to(a.dtype), E_batch.detach())
+    ckgc = _ckgc(a, ew, batch.ckgc_cols, R_T_U.detach().to(a.dtype), E_batch.detach(),
+                 item_product)
     loss = (1.0 - e_loss) * diff + e_loss * ckgc
     return loss, {"diff": diff.detach(), "ckgc": ckgc.detach(), "rows": rows_loss.detach()}
 
 
-def _ckgc(a: Tensor, ew: EntityWeights, items: Tensor | None, v: Tensor, e: Tensor) -> Tensor:
-    """The CKGC term ``mean_b ‖u_b - e_b‖² / d``, ``u = x̂[:, :I] V``: exact as
-    ``a (W2[:I]ᵀ V) + b2[:I]ᵀ V`` (``items`` None), else the product of two independent
-    importance-weighted item samples ``û¹, û²`` (``items``: 2 × m), whose expectation is the
-    exact value: ``E[(û¹ - e)·(û² - e)] = (u - e)·(u - e)`` since the samples are independent
-    and each ``û`` is unbiased for ``u`` (docs/large-kg.md: variance, and why not ``‖û - e‖²``,
-    which is biased by ``tr Cov(û)``)."""
+def _ckgc(a: Tensor, ew: EntityWeights, items: Tensor | None, v: Tensor, e: Tensor,
+          product: ItemProduct | None) -> Tensor:
+    """The CKGC term ``mean_b ‖u_b - e_b‖² / d``, ``u = x̂[:, :I] V = a M + c`` (module
+    docstring). Exact (``items`` None): ``M`` and ``c`` formed here from every item. Sampled:
+    ``M`` and ``c`` from ``product`` (current: the value and ``∂/∂a`` are exact), and the items'
+    rows of W2 and b2 get their gradient from ``m`` sampled items through
+    ``M̂ = W2[items]ᵀ (I/m) V[items]``, ``ĉ = b2[items]ᵀ (I/m) V[items]``: a term ``a·(M̂ - M̂)``
+    (zero in value) whose gradient in row ``i`` is ``(I/m)·#{k: items_k = i}`` times the exact
+    ``G V_iᵀ`` (``G = ∂loss/∂M``), so unbiased (``E[#] = m/I``). The loss is then a surrogate:
+    its gradient in those rows is not its value's (the value does not move with them)."""
     n_items = v.shape[0]
     if items is None:
         if ew.index.numel() < n_items or int(ew.index[n_items - 1]) != n_items - 1:
@@ -337,29 +375,30 @@ def _ckgc(a: Tensor, ew: EntityWeights, items: Tensor | None, v: Tensor, e: Tens
                              "hold entities 0 … item_count-1")
         u = a @ (ew.w2[:n_items].T @ v) + ew.b2[:n_items] @ v
         return (u - e).pow(2).mean(-1).mean()
-    scale = n_items / items.shape[1]
-
-    def sample_u(c: Tensor) -> Tensor:
-        # û = x̂[:, c] (I/m) V[c], formed as the exact form is: the H × d product first.
-        pos, vc = ew.at(c), scale * v[c]
-        return a @ (take_rows(ew.w2, pos).T @ vc) + ew.b2[pos] @ vc
-
-    u1, u2 = (sample_u(c) for c in items)
-    return ((u1 - e) * (u2 - e)).mean(-1).mean()
+    if product is None:
+        raise ValueError("a sampled CKGC (batch.ckgc_cols) needs the item product: pass "
+                         "item_product=ItemProduct.of(...) at the denoiser's current weights")
+    pos, vc = ew.at(items), (n_items / items.numel()) * v[items]
+    m_hat = take_rows(ew.w2, pos).T @ vc
+    c_hat = ew.b2[pos] @ vc
+    u = a @ product.w.to(a.dtype) + product.b.to(a.dtype) \
+        + a.detach() @ (m_hat - m_hat.detach()) + (c_hat - c_hat.detach())
+    return (u - e).pow(2).mean(-1).mean()
 
 
 def diffusion_loss_sampled(
     denoiser: Denoiser, batch: SampledBatch, schedule: DiffusionSchedule, item_count: int,
     R_T_U: Tensor, E_batch: Tensor, e_loss: float, *, weights: EntityWeights | None = None,
-    backend: str = "auto",
+    item_product: ItemProduct | None = None, backend: str = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffKG's diffusion + CKGC loss of the rows of ``batch`` (:func:`draw_sampled`), the
     off-support columns sampled (module docstring): ``(loss, {"diff", "ckgc", "rows"})`` as
     :func:`~diffkg_fast.ops.diffusion.diffusion_loss`. ``R_T_U`` (I × d) and ``E_batch``
     (B × d) as there (detached). Dropout follows ``denoiser.training``, its draws from
     ``batch``. ``weights``: the entities' weights to read (:func:`entity_weights`: compact
-    leaves; default the denoiser's own). The CKGC term is exact, or sampled when ``batch``
-    carries ``ckgc_cols``. Only the reference exists (float32 or float64, the denoiser's
-    dtype)."""
+    leaves; default the denoiser's own). The CKGC term is exact, or, when ``batch`` carries
+    ``ckgc_cols``, exact in value with its item rows' gradient sampled, from ``item_product``
+    (:class:`ItemProduct` at the current weights). Only the reference exists (float32 or
+    float64, the denoiser's dtype)."""
     return resolve("diffusion_loss_sampled", backend, batch.t.device)(
-        denoiser, batch, schedule, item_count, R_T_U, E_batch, e_loss, weights)
+        denoiser, batch, schedule, item_count, R_T_U, E_batch, e_loss, weights, item_product)

@@ -56,6 +56,7 @@ from diffkg_fast.ops.diffusion import (
 )
 from diffkg_fast.ops.diffusion_sampled import (
     EntityWeights,
+    ItemProduct,
     diffusion_loss_sampled,
     draw_sampled,
     edge_keys,
@@ -92,8 +93,9 @@ class KGDiffusion(nn.Module):
     ``denoiser_dropout`` is the input dropout DiffKG hard-codes at 0.5). ``diffusion_mode``:
     ``"exact"`` (DiffKG's dense rows) or ``"sampled"`` (module docstring), with
     ``diffusion_negatives`` sampled columns per step (``1 <= n < n_entities``); in the sampled
-    mode, ``ckgc_samples`` > 0 samples the CKGC's items (two samples of that many, unbiased;
-    0: every item) and ``denoiser_adam="lazy"`` moves only the rows a step touched
+    mode, ``ckgc_samples`` > 0 samples that many of the CKGC's items for the gradient of their
+    rows (the value stays exact, through an H × d product kept current; 0: every item) and
+    ``denoiser_adam="lazy"`` moves only the rows a step touched
     (:mod:`~diffkg_fast.model.diffkg.lazy_adam`; ``"dense"``: torch's Adam, every row).
     ``rebuild_mode="sampled"``: each row's top-k among its own edges and
     ``diffusion_negatives`` competitor columns (:mod:`~diffkg_fast.ops.rebuild_sampled`),
@@ -146,6 +148,7 @@ class KGDiffusion(nn.Module):
         self.dist = Dist()
         self._ddp: nn.Module | None = None
         self._plain: Denoiser | None = None  # the gathered denoiser of this epoch (sharding.py)
+        self._item_product: ItemProduct | None = None  # the sampled CKGC's, current in a pass
         # Checkpoints hold full tensors whatever the sharding (sharding.full_state).
         self._register_state_dict_hook(_full_tensors)
 
@@ -216,6 +219,11 @@ class KGDiffusion(nn.Module):
             r_t_u = torch.sparse.mm(self.rt, user.detach())  # I × d, once per pass
             ent = entity.detach()
         perm = torch.randperm(kg.n_entities, generator=gen).to(ent.device)
+        # The sampled CKGC's exact value reads W2[:I]ᵀ V, formed here and kept current by the
+        # steps (V is fixed for the pass).
+        self._item_product = (ItemProduct.of(self.denoiser.out_layer.weight,
+                                             self.denoiser.out_layer.bias, r_t_u)
+                              if self.sampled and self.ckgc_samples else None)
         if ent.device.type != "cpu" and not self.sampled:
             # Off the CPU the B × E noise is drawn on the device, from a generator seeded by the
             # CPU one once per pass (so a seed and a resume still fix it): on the host one
@@ -267,7 +275,8 @@ class KGDiffusion(nn.Module):
                              ckgc_samples=self.ckgc_samples, item_count=self.n_items)
         ew = entity_weights(den, batch, self.n_items)
         loss, parts = diffusion_loss_sampled(den, batch, self.schedule, self.n_items, r_t_u,
-                                             ent[rows], self.e_loss, weights=ew)
+                                             ent[rows], self.e_loss, weights=ew,
+                                             item_product=self._item_product)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grads = row_grads(den, ew)
@@ -277,7 +286,22 @@ class KGDiffusion(nn.Module):
             for p, (dim, idx, g) in grads.items():
                 p.grad = torch.zeros_like(p).index_copy_(dim, idx, g)
             self.opt.step()
+        if self._item_product is not None:
+            self._item_product = self._moved_product(ew, r_t_u)
         return loss, parts, 1.0
+
+    def _moved_product(self, ew: EntityWeights, r_t_u: Tensor) -> ItemProduct:
+        """The sampled CKGC's item product after a step: moved by the touched item rows (the
+        lazy step moves no other), or formed anew (dense Adam moved every row)."""
+        out = self.denoiser.out_layer
+        if not self.lazy:
+            return ItemProduct.of(out.weight, out.bias, r_t_u)
+        assert self._item_product is not None
+        # Items are entities 0 … I-1: a prefix of the sorted touched ids.
+        n = int(torch.searchsorted(ew.index, self.n_items))
+        rows = ew.index[:n]
+        return self._item_product.moved(rows, (ew.w2.detach()[:n], ew.b2.detach()[:n]),
+                                        (out.weight[rows], out.bias[rows]), r_t_u)
 
     def _part_loss(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor], float]:
