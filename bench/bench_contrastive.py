@@ -5,19 +5,15 @@ Run ``pytest bench/bench_contrastive.py --benchmark-only`` (CPU; ``OMP_NUM_THREA
 - ``logsumexp_mm-medication``: forward + backward at the medication preset's user view, B = 1,024
   batch users against all N = 6,350 users, d = 64. Providers ``reference``
   (``torch.logsumexp(a @ bᵀ)`` through autograd) and ``cpu_kernel`` (the one-buffer backend of
-  :mod:`diffkg_fast.ops.contrastive`, one more GEMM in its backward).
+  :mod:`diffkg_fast.ops.contrastive`: the logits kept, the exponentials in a cache-sized scratch).
 - ``bpr_step-medication``: one training step of the medication preset's DiffKG (both KG views,
   LightGCN, code term, BPR, InfoNCE, backward), as the trainer runs it, on the default cohort.
   ``reference``: every kernel backend off, as ``bench_epoch.py``'s ``reference``;
   ``cpu_kernel``: ``backend="auto"``.
 
-``extra_info["minor_faults"]``: page faults per call (``getrusage``). Timed alone, the op's
-extra GEMM and the reference's faults (~5,900 a call against 2) about cancel: ``cpu_kernel``
-took 0.98–1.32× the reference's median time in three runs. In the step the faults add up
-(~22,600 a step against ~200: every fresh block of the step faults its pages anew), and over a
-training process they cost the most. There, 83 BPR steps faulted 2.01M pages with the
-reference op and 0.15M with this one (``/usr/bin/time``, one thread), and the recommender phase
-went from 10.3–11.5 s to 8.0–10.4 s per 40 steps. Figures: ``bench/results/cpu-contrastive.txt``.
+``extra_info``: ``flop`` (the op's compulsory three GEMMs), ``minor_faults`` (page faults per
+call, ``getrusage``: ~8,000 a call for the reference op's fresh blocks against 2, ~21,500 a step
+against ~340). Figures: ``bench/results/cpu-contrastive.txt``.
 """
 
 from __future__ import annotations
@@ -55,8 +51,9 @@ def test_logsumexp_mm(benchmark, provider: str) -> None:
         logsumexp_mm(a, b, backend=backend).sum().backward()
 
     benchmark.group = "logsumexp_mm-medication"
-    benchmark.extra_info.update(flop=4 * 2 * B * N * D if provider == "cpu_kernel"
-                                else 3 * 2 * B * N * D, bytes=4 * (B * D + N * D) * 2)
+    # Both run the compulsory three GEMMs (the forward's, the backward's two); "bytes": the
+    # inputs and their gradients (the B × N logits are the op's own traffic, not compulsory).
+    benchmark.extra_info.update(flop=3 * 2 * B * N * D, bytes=4 * (B * D + N * D) * 2)
     _timed(benchmark, run, 10)
 
 

@@ -22,13 +22,14 @@ Per child: ``setup_s`` (graphs, denoiser, Adam), the training pass and the rebui
 first ``--limit`` batches, or all without it; ``*_per_batch_s`` and the full pass extrapolated
 as ``*_full_s_extrapolated`` when limited; the rebuild's one-off factors, ``rebuild_factors_s``,
 timed alone and not multiplied), ``peak_rss_mb``, and the multiply-adds per row that
-the module docstrings count: exact ``5 E H``; sampled ``6 (deg + n) H + 3 H d`` (``linear``:
-the CKGC's ``3 H d`` twice). Per step, ``per_step_macs``: in ``exact`` and ``sampled`` the CKGC
-product ``I H d`` and Adam over the ``2 E H`` weights, O(E H); in ``linear`` the CKGC's two
-``m H d`` products, forward and backward, and Adam over the touched entities (at most
-``B deg + 2n + 2m``), O(H) per row and sample. The rebuild: in ``exact`` and ``sampled`` one
-``B × H × E`` GEMM and a top-k per batch, O(E² H) per epoch; in ``linear`` ``(deg + n) H`` a
-row; in every mode the hidden-space chain's factors, ``2 E H²`` once per rebuild.
+the module docstrings count: exact ``5 E H``; sampled and linear ``6 (deg + n) H + 3 H d``.
+Per step, ``per_step_macs``: in ``exact`` and ``sampled`` the CKGC product ``I H d`` and Adam
+over the ``2 E H`` weights, O(E H); in ``linear`` the sampled items' ``m H d`` product and its
+gradient, the item product moved by the touched items (at most ``min(I, K)`` rows of ``H d``),
+and Adam over the K touched entities (at most ``B deg + 2n + m``), O(H) per row and sample.
+The rebuild: in ``exact`` and ``sampled`` one ``B × H × E`` GEMM and a top-k per batch, O(E² H)
+per epoch; in ``linear`` ``(deg + n) H`` a row; in every mode the hidden-space chain's factors,
+``2 E H²`` once per rebuild.
 """
 
 from __future__ import annotations
@@ -116,16 +117,17 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
     rebuild_s = time.perf_counter() - t0
     deg = s["edges"] / n_entities
     macs = (5 * n_entities * hidden if mode == "exact"
-            else 6 * (deg + negatives) * hidden + 3 * hidden * 64 * (2 if mode == "linear" else 1))
+            else 6 * (deg + negatives) * hidden + 3 * hidden * 64)
+    touched = min(n_entities, batch * deg + 2 * negatives + ckgc)
     out = {**s, "mode": mode, "negatives": negatives, "hidden": hidden, "batch": batch,
            "threads": torch.get_num_threads(), "batches_run": run, "batches_full": n_batches,
            "setup_s": setup, "train_s": train_s, "rebuild_s": rebuild_s,
            "rebuild_factors_s": factors_s, "train_per_batch_s": train_s / run,
            "rebuild_per_batch_s": max(rebuild_s - factors_s, 0.0) / run,
            "macs_per_row_train": macs,
-           "per_step_macs": (6 * ckgc * hidden * 64 + 2 * min(
-               n_entities, batch * deg + 2 * negatives + 2 * ckgc) * hidden if mode == "linear"
-               else s["n_items"] * hidden * 64 + 2 * n_entities * hidden),
+           "per_step_macs": ((2 * ckgc + min(s["n_items"], touched)) * hidden * 64
+                             + 2 * touched * hidden if mode == "linear"
+                             else s["n_items"] * hidden * 64 + 2 * n_entities * hidden),
            "losses": losses, "peak_rss_mb": _vm_hwm_mb(), "device": device}
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -5,16 +5,23 @@ DiffKG's contrastive loss (:func:`diffkg_fast.model.diffkg.info_nce`) takes it o
 medication size, twice per BPR step). Autograd through the reference keeps the logits, then
 allocates four more B × N tensors (``x - max`` in the forward; ``x - lse``, its ``exp`` and the
 product with the incoming gradient in the backward). The ``"cpu"`` backend keeps ONE B × N
-buffer for the whole step: the forward runs the reference's arithmetic in place on it, and the
-backward recomputes the logits into the same buffer (one more ``B × N × d`` GEMM) and turns them
-into the gradient in place. Those are the same operations in the same order, so the loss and
-both gradients are bitwise those of the reference (tested). The buffer being written over in
-place is what saves the time: in a training process the allocator hands out fresh B × N
-blocks, and their pages fault anew. 83 BPR steps of the medication preset faulted 2.01M pages
-with the reference and 0.15M with this backend (one thread), and the recommender phase went from
-10.3–11.5 s to 8.0–10.4 s per 40 steps (2 threads: 7.5–7.9 s → 6.6–6.9 s). Timed alone in a
-loop, the blocks come back warm and the extra GEMM about cancels the gain
-(``bench/bench_contrastive.py``).
+buffer for the whole step, the logits: the forward writes them with one GEMM and takes each
+row's max, ``exp(x - max)`` and its sum a chunk of rows at a time through a cache-sized scratch
+(~1 MB), so the exponentials never go to memory; the backward turns the kept logits into the
+gradient in place, chunk by chunk, then runs mm's two backward GEMMs. Those are the
+reference's operations in the reference's order (a row's reduction does not depend on how many
+rows are beside it; elementwise ops do not on chunking; the GEMMs stay whole, since a GEMM of
+a chunk of rows can take another kernel with other bits), so the loss and both gradients are
+bitwise those of the reference (tested, at 1 and 2 threads, with chunks of 8 rows and at the
+medication size). A second backward through a retained graph finds the buffer consumed and
+recomputes the logits (one more GEMM) first.
+
+Why one buffer: in a training process the allocator hands out fresh B × N blocks whose pages
+fault anew (83 BPR steps of the medication preset faulted 2.01M pages with the reference and
+0.15M with one buffer, one thread). What it costs against the compulsory work (the forward
+GEMM and the two backward GEMMs, ``3·B·N·d`` multiply-adds; one ``exp`` per logit in each
+direction): one write of the logits, one read in the forward, one read-modify-write in the
+backward, and the two GEMMs' reads (``bench/bench_contrastive.py``).
 """
 
 from __future__ import annotations
@@ -32,27 +39,52 @@ def _logsumexp_mm_reference(a: Tensor, b: Tensor) -> Tensor:
     return torch.logsumexp(a @ b.T, dim=-1)
 
 
+# Rows per chunk of the elementwise passes: ~1 MB of logits, so a chunk written by one op is
+# still in cache when the next reads it (at least 8 rows, so that a chunk's row reductions split
+# over rows, as the whole buffer's do, and never within a row).
+_CHUNK_BYTES, _MIN_ROWS = 1 << 20, 8
+
+
+def _chunks(buf: Tensor) -> range:
+    rows = max(_MIN_ROWS, _CHUNK_BYTES // max(buf.shape[1] * buf.element_size(), 1))
+    return range(0, buf.shape[0], rows)
+
+
 class _LogSumExpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        buf = torch.mm(a, b.T)
-        # torch.logsumexp's steps: the row max (0 where it is infinite), then
-        # log(sum(exp(x - max))) + max.
-        m = buf.amax(dim=-1, keepdim=True)
-        m.masked_fill_(m.isinf(), 0.0)
-        lse = buf.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+        x = torch.mm(a, b.T)  # the logits, kept for the backward (no second GEMM there)
+        lse = x.new_empty(x.shape[0])
+        starts = _chunks(x)
+        tmp = x.new_empty(min(starts.step, x.shape[0]), x.shape[1])
+        for s in starts:
+            xc = x[s:s + starts.step]
+            # torch.logsumexp's steps: the row max (0 where it is infinite), then
+            # log(sum(exp(x - max))) + max; exp(x - max) into a cache-sized scratch.
+            m = xc.amax(dim=-1, keepdim=True)
+            m.masked_fill_(m.isinf(), 0.0)
+            e = torch.sub(xc, m, out=tmp[:xc.shape[0]]).exp_()
+            lse[s:s + starts.step] = e.sum(-1).log_().add_(m.squeeze(-1))
         ctx.save_for_backward(a, b, lse)
-        ctx.buf = buf  # not a saved tensor: the backward overwrites it (freed with the graph)
+        ctx.buf = x  # not a saved tensor: the backward overwrites it (freed with the graph)
+        ctx.holds_logits = True
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         a, b, lse = ctx.saved_tensors
-        buf = ctx.buf
-        # Autograd's logsumexp backward, grad * exp(x - lse), in place on the recomputed x;
-        # then mm's backward as autograd runs it for a and for the transposed view bᵀ.
-        p = torch.mm(a, b.T, out=buf).sub_(lse.unsqueeze(-1)).exp_().mul_(grad.unsqueeze(-1))
+        p = ctx.buf
+        if not ctx.holds_logits:  # a second backward (retained graph): the logits again
+            torch.mm(a, b.T, out=p)
+        ctx.holds_logits = False
+        # Autograd's logsumexp backward, grad * exp(x - lse), in place on the kept logits, a
+        # cache-sized chunk at a time (elementwise: the same bits as one pass); then mm's
+        # backward as autograd runs it for a and for the transposed view bᵀ.
+        starts = _chunks(p)
+        for s in starts:
+            sl = slice(s, s + starts.step)
+            p[sl].sub_(lse[sl].unsqueeze(-1)).exp_().mul_(grad[sl].unsqueeze(-1))
         da = torch.mm(p, b) if ctx.needs_input_grad[0] else None
         db = torch.mm(p.T, a) if ctx.needs_input_grad[1] else None
         return da, db
@@ -60,8 +92,8 @@ class _LogSumExpMM(torch.autograd.Function):
 
 # On CUDA the caching allocator hands blocks back without page faults, so there the gain is the
 # memory: one B × N block live instead of the reference's logits plus up to three temporaries
-# in its backward (Alibaba's user view: 1,024 × 114,737 floats, 448 MB each), for one more
-# B × N × d GEMM. Not timed on a GPU (none was lent).
+# in its backward (Alibaba's user view: 1,024 × 114,737 floats, 448 MB each), and the
+# exponentials kept in a cache-sized scratch. Not timed on a GPU (none was lent).
 @register("logsumexp_mm", "cuda")
 @register("logsumexp_mm", "cpu")
 def _logsumexp_mm_lean(a: Tensor, b: Tensor) -> Tensor:
