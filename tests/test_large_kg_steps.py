@@ -5,11 +5,11 @@ the sampled CKGC term and the candidate rebuild, against the dense computations 
   gradients and, with ``denoiser_adam='dense'``, its Adam update;
 - ``LazyAdam`` is ``torch.optim.Adam`` where every row is touched, and a literal per-row loop
   where not (untouched rows keep weights and moments);
-- the sampled CKGC: its value and its gradient in the hidden activations are the exact ones at
-  every draw, its item rows' gradient is unbiased (the mean of 4,000 draws against the exact
-  gradient, within 5 standard errors from the draws' own variance, as tests/test_large_kg.py)
-  and exact with every item drawn once; the item product stays current over a pass, lazy and
-  dense; float64 gradcheck;
+- the sampled CKGC: at each of 200 draws its value and its gradient in the hidden activations
+  are the exact ones and each item row gets ``(I/m)·count`` times its exact gradient (unbiased,
+  as the draws' mean count, within 5 standard errors, confirms); with every item drawn once it
+  is the exact CKGC; the item product stays current over a pass, lazy and dense; float64
+  gradcheck;
 - the candidate rebuild with every column as a competitor is the exact top-k, and with sampled
   competitors keeps every edge the exact one keeps;
 - a run with all the options is seeded and resumes bit for bit (their bad values:
