@@ -3,7 +3,10 @@
 Two configurations (``MODES``): DiffKG's defaults (the exact model) and every large-KG option of
 docs/large-kg.md; each also prints its phases' seconds extrapolated to a full epoch.
 
-Run ``OMP_NUM_THREADS=1 pytest bench/bench_memory.py --benchmark-only -s``.
+Run ``OMP_NUM_THREADS=1 pytest bench/bench_memory.py --benchmark-only -s`` (two steps a loop,
+extrapolated). The complete epoch, every batch of every phase (about an hour at two threads)::
+
+    BENCH_FULL_EPOCH=1 BENCH_THREADS=2 pytest bench/bench_memory.py --benchmark-only -s -k exact
 
 The graph: Alibaba-iFashion as DiffKG uses it has 114,737 users, 30,040 items, 89,196 entities,
 ~558k KG triplets and 1,781,093 interactions; DiffKG's public code densifies the
@@ -16,7 +19,8 @@ hand-made KG is needed.
 
 How it is measured: the dataset is built and saved in this process (``dataset_build_s`` and
 ``dataset_save_s`` are reported apart); a FRESH child process (``subprocess``,
-``OMP_NUM_THREADS=1``) loads it and runs ``train`` for 1 epoch with the ``Params.py`` defaults.
+``OMP_NUM_THREADS=BENCH_THREADS``, default 1) loads it and runs ``train`` for 1 epoch with the
+``Params.py`` defaults.
 Peak memory is the child's peak RSS (``VmHWM``). The child resets its high-water mark
 (``/proc/self/clear_refs``) at each phase boundary, so every phase reports its own peak
 (including what is already resident); the overall peak is their maximum (``ru_maxrss`` of a child
@@ -51,16 +55,21 @@ from diffkg_fast.train.config import RunConfig, make_config
 ALIBABA = {"n_users": 114_737, "n_items": 30_040, "n_entities": 89_196}
 COHORT = {"n_diag": 44_000, "n_proc": 15_156, "med_scale": 0.2485}  # over the "alibaba" preset
 KG_OPTIONS = {"cooc_min_count": 4, "cooc_top_k_code": 15}
-LIMIT = 2
+# BENCH_FULL_EPOCH=1: no limit_batches (the epoch as a user runs it); else 2 batches a loop.
+FULL_EPOCH = os.environ.get("BENCH_FULL_EPOCH") == "1"
+LIMIT = None if FULL_EPOCH else 2
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 BUDGET_GIB = 8.0
-CHILD_TIMEOUT_S = 1800
+CHILD_TIMEOUT_S = 4 * 3600 if FULL_EPOCH else 1800
 MIB = 2**20
 
 _CHILD = r"""
 import json, sys, time
 t_start = time.perf_counter()
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[4]))
+from diffkg_fast.utils.allocator import keep_freed_memory
+keep_freed_memory()  # as the CLI does
 import diffkg_fast.train.sampling as sampling
 import diffkg_fast.train.trainer as tr
 from diffkg_fast.data.dataset import KGDataset
@@ -124,8 +133,9 @@ ds = KGDataset.load(sys.argv[1])
 mark("train set-up (graphs, model, denoiser, optimisers)")
 cfg = make_config(epoch=1, **json.loads(sys.argv[3]))
 t0 = time.perf_counter()
+limit = int(sys.argv[2])
 res = tr.train(ds, cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
-               limit_batches=int(sys.argv[2]))
+               limit_batches=limit if limit > 0 else None)
 train_s = time.perf_counter() - t0
 mark("end")
 den = res.model.diffusion.denoiser
@@ -194,12 +204,23 @@ MODES: dict[str, dict[str, Any]] = {
 
 def _extrapolated(time_s: dict[str, float], ds: KGDataset, cfg: RunConfig) -> dict[str, float]:
     """The trainer's phase seconds scaled to a full epoch (module docstring: ``LIMIT``)."""
+    if LIMIT is None:
+        return {**time_s, "total": round(sum(time_s.values()), 1)}
     scale = {"diffusion": -(-ds.n_entities // cfg["batch"]) / LIMIT,
              "rebuild": -(-ds.n_entities // cfg["batch"]) / LIMIT,
              "recommender": -(-ds.train.nnz // cfg["batch"]) / LIMIT}
     out = {k: round(v * scale.get(k, 1.0), 1) for k, v in time_s.items()}
     out["total"] = round(sum(out.values()), 1)
     return out
+
+
+def _limit_note(ds: KGDataset, cfg: RunConfig) -> str:
+    n_kg, n_rec = -(-ds.n_entities // cfg["batch"]), -(-ds.train.nnz // cfg["batch"])
+    if LIMIT is None:
+        return (f"complete: diffusion and rebuild {n_kg} batches each, recommender {n_rec} "
+                "steps, validation and test ranking")
+    return (f"diffusion and rebuild ran {LIMIT} of {n_kg} batches, recommender {LIMIT} of "
+            f"{n_rec} steps; validation and test ranking complete")
 
 
 @pytest.mark.benchmark(group="memory_alibaba_shape")
@@ -219,13 +240,13 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path, mode: str) -> None
     ds.save(path)
     save_s = time.perf_counter() - t
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     holder: dict[str, Any] = {}
 
     def run_child() -> None:
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(LIMIT),
-                              json.dumps(MODES[mode])], env=env,
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(LIMIT or 0),
+                              json.dumps(MODES[mode]), str(THREADS)], env=env,
                              capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         holder["process_s"] = time.perf_counter() - t0
         if out.returncode != 0:
@@ -248,9 +269,7 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path, mode: str) -> None
         "dataset_build_s": round(build_s, 1),
         "dataset_save_s": round(save_s, 1),
         "limit_batches": LIMIT,
-        "limit_note": (f"diffusion and rebuild ran {LIMIT} of {-(-ds.n_entities // cfg['batch'])} "
-                       f"batches, recommender {LIMIT} of {-(-ds.train.nnz // cfg['batch'])} steps;"
-                       " validation and test ranking complete"),
+        "limit_note": _limit_note(ds, cfg),
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_gib": round(peak_mb / 1024, 3),
         "peak_phase": top["phase"],
@@ -263,7 +282,7 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path, mode: str) -> None
         "model_params": res["model_params"],
         "denoiser_params": res["denoiser_params"],
         "expected_mb": {k: round(v, 1) for k, v in expected.items()},
-        "threads": 1,
+        "threads": THREADS,
         "mode": mode,
         "options": MODES[mode],
         # Each limited phase times batches_full / batches_run (the rebuild's one-off factors,
@@ -278,7 +297,8 @@ def test_peak_memory_alibaba_shape(benchmark, tmp_path: Path, mode: str) -> None
           f"{holder['process_s']:.0f} s; trainer phases: "
           + ", ".join(f"{k} {v:.1f} s" for k, v in res["time"].items()))
     print(_fmt_phases(phases))
-    print(f"mode {mode} {MODES[mode]}; extrapolated full epoch (s): "
+    label = "measured full epoch" if LIMIT is None else "extrapolated full epoch"
+    print(f"mode {mode} {MODES[mode]}, {THREADS} thread(s); {label} (s): "
           + ", ".join(f"{k} {v:,.0f}" for k, v in info["extrapolated_epoch_s"].items()))
     print(f"PEAK RSS {peak_mb:,.0f} MB = {peak_mb / 1024:.2f} GiB (in: {top['phase']}); "
           f"budget {BUDGET_GIB} GiB; per-phase peaks exact: {res['can_reset_peak']}")

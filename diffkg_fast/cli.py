@@ -22,6 +22,7 @@ from diffkg_fast.data.errors import DataError, cut
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 from diffkg_fast.train.presets import PRESETS
+from diffkg_fast.utils.allocator import keep_freed_memory
 from diffkg_fast.utils.io import describe_os_error
 
 _PRESET_NAMES = ", ".join(sorted(PRESETS))
@@ -235,6 +236,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser(model_flags=argv[:1] == ["train"]).parse_args(argv)
+    keep_freed_memory()  # this process is ours: big blocks reused, not faulted in each step
     try:
         return int(args.func(args))
     except DataError as exc:

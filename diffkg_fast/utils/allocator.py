@@ -1,0 +1,45 @@
+"""Keep freed host memory in the process, so that a training step's big blocks do not fault anew.
+
+PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves a block above its mmap
+threshold (at most 32 MB) with a fresh ``mmap`` and gives it back with ``munmap`` when it is
+freed, so each such block's pages fault and are zeroed by the kernel again on first touch, in
+every step. DiffKG's steps at Alibaba-iFashion's shape are made of such blocks: the InfoNCE
+logits (1,024 × 114,737 floats, 448 MB), the diffusion's 1,024 × 89,196 KG-row blocks (348 MB
+each). One recommender step there took 256,000 page faults (1 GB of fresh pages) and 2.6 s at
+one thread; served from the heap and kept there, 1 fault and 2.1 s (``bench/results/
+cpu-memory-alibaba.txt`` has the whole epoch).
+
+:func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block from the heap) and its
+``M_TRIM_THRESHOLD`` out of reach (freed heap memory stays for the next step), as PyTorch's CUDA
+caching allocator keeps device memory. The price: the process's resident memory does not fall
+back after a peak until it exits. It changes where blocks live, never a value. The CLI calls it
+at start; a Python caller opts in by calling it once before training. Elsewhere than glibc it
+does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+__all__ = ["keep_freed_memory"]
+
+# <malloc.h>: mallopt's parameter numbers.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely."
+_NEVER_TRIM = -1
+
+
+def keep_freed_memory() -> bool:
+    """Serve every host allocation from the heap and keep freed memory there (module docstring).
+    Returns whether the setting took (``False`` outside glibc)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
