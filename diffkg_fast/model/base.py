@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from diffkg_fast.utils.distributed import SINGLE, Dist, Span
+from diffkg_fast.utils.memory_check import MemoryTerm
 
 __all__ = ["EmbeddingRecommender", "EpochReport", "PairBatch", "Patients", "Recommender",
            "UserBatch", "check_options"]
@@ -134,6 +135,13 @@ class Recommender(nn.Module):
         """Raise ``ValueError`` naming the first option out of range (default: none checked).
 
         Called by config validation before any data is loaded, and by ``__init__``."""
+
+    @classmethod
+    def memory_estimate(cls, ds: Any, config: Mapping[str, Any]) -> list[MemoryTerm]:
+        """The big tensors that training on ``ds`` with ``config`` holds, each with the options
+        that shrink it (:mod:`diffkg_fast.utils.memory_check` refuses a run whose sum cannot
+        fit before anything is allocated). Default: none given, no check."""
+        return []
 
     # ------------------------------------------------------------------ training
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer | None:

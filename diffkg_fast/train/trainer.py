@@ -61,6 +61,7 @@ from diffkg_fast.train.run_folder import CHECKPOINT, RunFolder, check_resume, da
 from diffkg_fast.train.sampling import SAMPLERS, PairSampler, UserSampler
 from diffkg_fast.train.selection import Selection, SelectionError
 from diffkg_fast.utils.distributed import Dist, current, sum_across
+from diffkg_fast.utils.memory_check import check_memory
 from diffkg_fast.utils.seed import seed_everything
 
 __all__ = ["TrainResult", "train"]
@@ -257,6 +258,7 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
            limit: int | None, d: Dist) -> TrainResult:
     t_start = time.perf_counter()
     _check_validation(ds)
+    check_memory(ds, config)
     fingerprint = dataset_fingerprint(ds) if folder is not None else ""
     # The checkpoint is read (and checked) before any work, so that a refusal costs nothing.
     ck = folder.load_checkpoint() if resume and folder is not None else None

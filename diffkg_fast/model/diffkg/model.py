@@ -74,6 +74,7 @@ from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.distributed import Span, whole_batch
+from diffkg_fast.utils.memory_check import MemoryTerm
 from diffkg_fast.utils.seed import rng_stream
 
 __all__ = ["DiffKG"]
@@ -229,6 +230,34 @@ class DiffKG(EmbeddingRecommender):
                 f"cl_mode='sampled' with cl_negatives={cl_negatives} >= both the {n_users} users "
                 f"and the {n_items} items: nothing would be sampled; use cl_mode='all' or "
                 f"cl_negatives < {max(n_users, n_items)}")
+
+    @classmethod
+    def memory_estimate(cls, ds: Any, config: Mapping[str, Any]) -> list[MemoryTerm]:
+        """DiffKG's big tensors, float32, one process (an FSDP-sharded denoiser counted whole):
+        the denoiser's 2·E·H weights with gradient and Adam moments (16 B each; 12 B with the
+        lazy Adam's compact gradient), a dense diffusion step's five B × E blocks (the exact
+        mode), InfoNCE's B × (U + I) logits (all users and items) and the recommender's
+        embeddings with gradient and moments (16 B per (U + E) × d weight)."""
+        E, B, d = ds.n_entities, config["batch"], config["latdim"]
+        H = int(config["dims"][0])
+        per_weight = 12 if config["denoiser_adam"] == "lazy" else 16
+        diffusion = config["use_diffusion"]
+        logits = (ds.n_users + ds.n_items if config["cl_mode"] == "all"
+                  else 2 * config["cl_negatives"])
+        return [
+            MemoryTerm("the denoiser's weights, gradients and Adam moments",
+                       diffusion * per_weight * 2 * E * H, True,
+                       "a smaller dims: its weights are 2 x entities x dims; or "
+                       "use_diffusion=false"),
+            MemoryTerm("a diffusion step's five batch x entities blocks",
+                       diffusion * (config["diffusion_mode"] == "exact") * 5 * 4 * B * E, False,
+                       "diffusion_mode=sampled scores a row's edges and sampled negatives; or a "
+                       "smaller batch"),
+            MemoryTerm("the contrastive loss's batch x (users + items) logits",
+                       4 * B * logits, False, "cl_mode=sampled; or a smaller batch"),
+            MemoryTerm("the recommender's embeddings, gradients and Adam moments",
+                       16 * (ds.n_users + E) * d, True, "a smaller latdim"),
+        ]
 
     # ------------------------------------------------------------------ graphs
     def views(self) -> tuple[KGCSR, KGCSR]:
