@@ -66,10 +66,10 @@ MIB = 2**20
 _CHILD = r"""
 import json, sys, time
 t_start = time.perf_counter()
-from diffkg_fast.utils.allocator import huge_pages_for_big_blocks
-huge_pages_for_big_blocks()  # as the CLI does, before torch is imported
 import torch
 torch.set_num_threads(int(sys.argv[4]))
+from diffkg_fast.utils.allocator import keep_freed_memory
+keep_freed_memory()  # as the CLI does
 import diffkg_fast.train.sampling as sampling
 import diffkg_fast.train.trainer as tr
 from diffkg_fast.data.dataset import KGDataset

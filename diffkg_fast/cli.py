@@ -22,7 +22,7 @@ from diffkg_fast.data.errors import DataError, cut
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 from diffkg_fast.train.presets import PRESETS
-from diffkg_fast.utils.allocator import huge_pages_for_big_blocks
+from diffkg_fast.utils.allocator import keep_freed_memory
 from diffkg_fast.utils.io import describe_os_error
 
 _PRESET_NAMES = ", ".join(sorted(PRESETS))
@@ -235,8 +235,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    huge_pages_for_big_blocks()  # before torch's first allocation: this process is ours
     args = make_parser(model_flags=argv[:1] == ["train"]).parse_args(argv)
+    if os.environ.get("DIFFKG_FAST_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()  # this process is ours: big blocks reused, not faulted in each step
     try:
         return int(args.func(args))
     except DataError as exc:

@@ -1,54 +1,51 @@
-"""Huge pages for torch's big host blocks, so that a training step's fresh blocks do not fault
-4 KB at a time.
+"""Keep freed host memory in the process, so that a training step's big blocks do not fault anew.
 
 PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves a block above its mmap
-threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it when it is freed, so each step's big
-blocks are faulted in and zeroed by the kernel anew, one 4 KB page at a time. DiffKG's steps at
-Alibaba-iFashion's shape are made of such blocks: the InfoNCE logits (1,024 × 114,737 floats,
-448 MB), the diffusion's 1,024 × 89,196 KG-row blocks (348 MB each). Two diffusion batches there
-took 2.6M page faults and 25 s at two threads; with torch's transparent-huge-page option
-(``THP_MEM_ALLOC_ENABLE=1``: blocks of 2 MB and more are 2 MB-aligned and ``madvise``d
-``MADV_HUGEPAGE``) 21,000 faults and 17.5 s; a recommender step 256,000 faults → 22,000.
+threshold (at most 32 MB) with a fresh ``mmap`` and gives it back with ``munmap`` when it is
+freed, so each such block's pages fault and are zeroed by the kernel again on first touch, in
+every step. DiffKG's steps at Alibaba-iFashion's shape are made of such blocks: the InfoNCE
+logits (1,024 × 114,737 floats, 448 MB), the diffusion's 1,024 × 89,196 KG-row blocks (348 MB
+each). One recommender step there took 256,000 page faults (1 GB of fresh pages) and 2.6 s at
+one thread; served from the heap and kept there, 1 fault and 2.1 s (``bench/results/
+cpu-memory-alibaba.txt`` has the whole epoch).
 
-Why not keep freed memory in the heap instead (glibc ``M_MMAP_MAX=0``, no trimming: no faults
-at all): it was as fast on the diffusion and ~10 % faster on a recommender step, but blocks of
-slightly different sizes fragmented the heap and the Alibaba-shape epoch's peak RSS rose from
-5.5 to 7.6 GiB (``CHANGELOG.md``). Huge pages cost no memory beyond rounding a block up to 2 MB.
+:func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block from the heap) and its
+``M_TRIM_THRESHOLD`` out of reach (freed heap memory stays for the next step), as PyTorch's CUDA
+caching allocator keeps device memory. The price: the process's resident memory does not fall
+back after a peak until it exits, and blocks of slightly different sizes fragment the heap: the
+Alibaba-shape epoch's peak RSS is 7.6 GiB with it, 5.5 GiB without. It changes where blocks
+live, never a value (the same bits: a 2-epoch run's checkpoint, three Alibaba-shape steps). The
+CLI calls it at start (``DIFFKG_FAST_KEEP_FREED_MEMORY=0`` turns that off); a Python caller opts
+in by calling it once before training. Elsewhere than glibc it does nothing.
 
-torch reads the option once, at its first allocation, so :func:`huge_pages_for_big_blocks` must
-run before torch is imported: the CLI calls it first thing; a Python caller sets
-``THP_MEM_ALLOC_ENABLE=1`` in the environment of its process. It changes where blocks live,
-never a value (the same bits: checked on a 2-epoch run's checkpoint and on three Alibaba-shape
-recommender steps). ``THP_MEM_ALLOC_ENABLE=0`` in the environment turns it off.
+Tried instead: torch's transparent-huge-page option (``THP_MEM_ALLOC_ENABLE=1``, blocks of 2 MB
+and more ``madvise``d as huge pages): no memory cost and as fast on two diffusion batches, but
+the full epoch took over 60 minutes where this one takes 44 (``CHANGELOG.md``).
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import ctypes
+import ctypes.util
+import platform
 
-__all__ = ["huge_pages_for_big_blocks", "thp_mode"]
+__all__ = ["keep_freed_memory"]
 
-_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``), the
-    bracketed word of ``/sys/kernel/mm/transparent_hugepage/enabled``; ``None`` without it."""
-    try:
-        with open(_THP_SETTING) as f:
-            text = f.read()
-    except OSError:
-        return None
-    start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+# <malloc.h>: mallopt's parameter numbers.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely."
+_NEVER_TRIM = -1
 
 
-def huge_pages_for_big_blocks() -> bool:
-    """Turn on torch's huge pages for big host blocks (module docstring) unless the environment
-    already says otherwise. Returns whether they are on for this process: ``False`` when torch
-    is already imported (too late), the kernel's mode is ``never`` (or unknown), or
-    ``THP_MEM_ALLOC_ENABLE`` is set to anything but ``1``."""
-    if "torch" in sys.modules or thp_mode() not in ("always", "madvise"):
+def keep_freed_memory() -> bool:
+    """Serve every host allocation from the heap and keep freed memory there (module docstring).
+    Returns whether the setting took (``False`` outside glibc)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    return os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") == "1"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
