@@ -206,12 +206,16 @@ def _extrapolated(time_s: dict[str, float], ds: KGDataset, cfg: RunConfig) -> di
     """The trainer's phase seconds scaled to a full epoch (module docstring: ``LIMIT``)."""
     if LIMIT is None:
         return {**time_s, "total": round(sum(time_s.values()), 1)}
-    scale = {"diffusion": -(-ds.n_entities // cfg["batch"]) / LIMIT,
-             "rebuild": -(-ds.n_entities // cfg["batch"]) / LIMIT,
-             "recommender": -(-ds.train.nnz // cfg["batch"]) / LIMIT}
+    n_kg, n_rec = _batches(ds, cfg)
+    scale = {"diffusion": n_kg / LIMIT, "rebuild": n_kg / LIMIT, "recommender": n_rec / LIMIT}
     out = {k: round(v * scale.get(k, 1.0), 1) for k, v in time_s.items()}
     out["total"] = round(sum(out.values()), 1)
     return out
+
+
+def _batches(ds: KGDataset, cfg: RunConfig) -> tuple[int, int]:
+    """An epoch's diffusion (and rebuild) batches and its recommender steps."""
+    return -(-ds.n_entities // cfg["batch"]), -(-int(ds.train.nnz) // cfg["batch"])
 
 
 def machine_rates(threads: int) -> dict[str, float]:
@@ -254,7 +258,7 @@ def compulsory_work(ds: KGDataset, cfg: RunConfig) -> dict[str, dict[str, float]
     a lower bound."""
     E, H, B, d = ds.n_entities, cfg["dims"][-1], cfg["batch"], cfg["latdim"]
     U, n_i, T, S = ds.n_users, ds.n_items, int(ds.train.nnz), cfg["steps"]
-    n_kg, n_rec = -(-E // B), -(-T // B)
+    n_kg, n_rec = _batches(ds, cfg)
     nnz = 2 * T + U + n_i  # the symmetric user-item adjacency with self-loops
     layers, views = cfg["gnn_layer"], 2
     sparse_passes = views * layers * 3
@@ -281,7 +285,7 @@ def _bounds_table(time_s: dict[str, float], work: dict[str, dict[str, float]],
 
 
 def _limit_note(ds: KGDataset, cfg: RunConfig) -> str:
-    n_kg, n_rec = -(-ds.n_entities // cfg["batch"]), -(-ds.train.nnz // cfg["batch"])
+    n_kg, n_rec = _batches(ds, cfg)
     if LIMIT is None:
         return (f"complete: diffusion and rebuild {n_kg} batches each, recommender {n_rec} "
                 "steps, validation and test ranking")
