@@ -52,6 +52,26 @@ def test_mask_recovery_against_a_literal_count(monkeypatch) -> None:
     assert out["mask_recovery_popularity@10"] == pytest.approx(hits / 25)
 
 
+def test_mask_recovery_in_blocks_is_the_one_block_value(monkeypatch) -> None:
+    """Rows in blocks (a large KG's memory bound) measure what one block does."""
+    g = _graph()
+    q = KGQuality(g, seed=1, n_rows=25)
+    mix = torch.rand(40, 40, generator=torch.Generator().manual_seed(4))
+    calls: list[int] = []
+
+    def rowwise(denoiser, x, *a, **k):  # each row's scores from that row alone
+        calls.append(x.shape[0])
+        return x @ mix
+
+    monkeypatch.setattr(quality_mod, "sample", rowwise)
+    whole = q.mask_recovery(denoiser=torch.nn.Identity(), schedule=None, sampling_steps=0)
+    assert calls == [25]
+    monkeypatch.setattr(quality_mod, "BLOCK_ELEMENTS", 4 * 40)
+    blocks = q.mask_recovery(denoiser=torch.nn.Identity(), schedule=None, sampling_steps=0)
+    assert calls[1:] == [4] * 6 + [1]
+    assert blocks == whole and 0 < whole["mask_recovery@10"] < 1
+
+
 def test_diffusion_passes_multiply_the_denoiser_steps(monkeypatch) -> None:
     ds = build_dataset("synthetic", n_patients=150, n_diag=100, n_proc=50, n_med=30, seed=0)
     calls: list[int] = []

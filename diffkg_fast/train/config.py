@@ -47,6 +47,13 @@ class TrainConfig:
       every epoch); the best validated epoch is always the one kept;
     - ``eval_every``: validate every this many epochs (and after the last one);
     - ``device``: ``cpu``, ``cuda`` or ``cuda:N``: where the model and its graphs live;
+    - ``max_epoch_steps``: at most this many optimiser steps an epoch: the training batch grows
+      to ``ceil(rows / max_epoch_steps)`` where ``batch`` would take more (0: ``batch`` always;
+      :func:`~diffkg_fast.train.sampling.epoch_batch`); the large-KG regime, where a step's cost
+      grows with the graph (docs/large-kg-epochs.md);
+    - ``batch_lr_scaling``: ``none`` (the batch loop's Adam at ``lr``) or ``sqrt`` (at
+      ``lr · sqrt(grown batch / batch)`` when ``max_epoch_steps`` grew it;
+      :func:`~diffkg_fast.train.trainer.batch_lr`);
     - ``target_ddi``: the DDI rate the DDI-aware set rule must stay under on validation
       (:mod:`diffkg_fast.eval.set_choice`); SafeDrug's ``target_ddi`` (0.06), and the same key
       as the DDI loss's target for a model that takes one.
@@ -64,6 +71,8 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "cpu"
     target_ddi: float = 0.06
+    max_epoch_steps: int = 0
+    batch_lr_scaling: str = "none"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
@@ -81,6 +90,12 @@ class TrainConfig:
             raise ValueError(f"valid_metric must be 'recall' or 'ndcg', got {self.valid_metric!r}")
         if self.patience is not None and self.patience < 0:
             raise ValueError(f"patience must be >= 0 or none, got {self.patience}")
+        if self.max_epoch_steps < 0:
+            raise ValueError(f"max_epoch_steps must be >= 0 (0: no bound), got "
+                             f"{self.max_epoch_steps}")
+        if self.batch_lr_scaling not in ("none", "sqrt"):
+            raise ValueError(f"batch_lr_scaling must be 'none' or 'sqrt', got "
+                             f"{self.batch_lr_scaling!r}")
         if not (math.isfinite(self.target_ddi) and 0.0 <= self.target_ddi <= 1.0):
             raise ValueError(f"target_ddi must be in [0, 1], got {self.target_ddi}")
         kind, _, index = self.device.partition(":")

@@ -27,10 +27,12 @@ from torch import Tensor
 
 from diffkg_fast.model.base import PairBatch, UserBatch
 from diffkg_fast.utils.distributed import Dist, Span, batch_span
+from diffkg_fast.utils.epoch_batch import epoch_batch
 from diffkg_fast.utils.negatives import sample_negatives
 from diffkg_fast.utils.seed import rng_stream
 
-__all__ = ["SAMPLERS", "PairSampler", "UserSampler", "interactions", "sample_negatives"]
+__all__ = ["SAMPLERS", "PairSampler", "UserSampler", "epoch_batch", "interactions",
+           "sample_negatives"]
 
 
 def interactions(train: sp.spmatrix) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,12 +63,14 @@ class _Streams:
 
 
 class PairSampler(_Streams):
-    """BPR batches of ``batch`` training interactions (the last one shorter)."""
+    """BPR batches of ``batch`` training interactions (the last one shorter; ``batch`` grown by
+    :func:`epoch_batch` when ``max_epoch_steps`` bounds the epoch)."""
 
-    def __init__(self, train: sp.spmatrix, batch: int, seed: int) -> None:
+    def __init__(self, train: sp.spmatrix, batch: int, seed: int,
+                 max_epoch_steps: int = 0) -> None:
         self.n_items = train.shape[1]
-        self.batch = batch
         self.users, self.items, self.keys = interactions(train)
+        self.batch = epoch_batch(self.users.numel(), batch, max_epoch_steps)
         self.generators = {name: rng_stream(seed, name) for name in ("negatives", "shuffle")}
 
     def __len__(self) -> int:
@@ -97,12 +101,13 @@ class PairSampler(_Streams):
 
 class UserSampler(_Streams):
     """Batches of ``batch`` users (those with a training interaction), each with its training
-    row as a dense 0/1 float tensor."""
+    row as a dense 0/1 float tensor (``batch`` grown as :class:`PairSampler`'s)."""
 
-    def __init__(self, train: sp.spmatrix, batch: int, seed: int) -> None:
+    def __init__(self, train: sp.spmatrix, batch: int, seed: int,
+                 max_epoch_steps: int = 0) -> None:
         self.train = (sp.csr_matrix(train) != 0).astype(np.float32).tocsr()
-        self.batch = batch
         self.users = torch.from_numpy(np.flatnonzero(np.diff(self.train.indptr)).astype(np.int64))
+        self.batch = epoch_batch(self.users.numel(), batch, max_epoch_steps)
         self.generators = {"shuffle": rng_stream(seed, "shuffle")}
 
     def __len__(self) -> int:

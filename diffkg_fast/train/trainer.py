@@ -34,6 +34,7 @@ so its checkpoint resumes at any world size).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,13 +138,25 @@ class _Run:
         return int(ck["epoch"]) + 1
 
 
+def batch_lr(cfg: TrainConfig, sampler: PairSampler | UserSampler | None) -> float:
+    """The batch loop's learning rate: ``lr``, or under ``batch_lr_scaling=sqrt``
+    ``lr · sqrt(B' / B)`` where ``max_epoch_steps`` grew the batch from ``B`` to ``B'``: the
+    square-root rule that Malladi, Lyu, Panigrahi and Arora's SDE analysis of Adam gives ("On the
+    SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022; they also adjust
+    Adam's betas and eps, which is not done here)."""
+    if sampler is None or cfg.batch_lr_scaling == "none":
+        return cfg.lr
+    return cfg.lr * math.sqrt(sampler.batch / cfg.batch)
+
+
 def _build(ds: KGDataset, config: RunConfig) -> _Run:
     cfg = config.train
     seed_everything(cfg.seed)
     model = config.model_cls.from_dataset(ds, **config.model_options())
-    optimizer = model.configure_optimizer(cfg.lr)
     kind = SAMPLERS.get(model.batch_kind)
-    sampler = None if kind is None else kind(ds.train, cfg.batch, cfg.seed)
+    sampler = (None if kind is None
+               else kind(ds.train, cfg.batch, cfg.seed, cfg.max_epoch_steps))
+    optimizer = model.configure_optimizer(batch_lr(cfg, sampler))
     return _Run(config, ds, model, optimizer, sampler,
                 Selection(f"{cfg.valid_metric}@{cfg.topk}", cfg.patience), [])
 
@@ -272,6 +285,10 @@ def _train(ds: KGDataset, config: RunConfig, log: Callable[[str], Any],
         check_resume(saved, config.to_dict(), int(ck["epoch"]) + 1, folder.file(CHECKPOINT))
     run = _build(ds, config)
     _check_unseen(ds, run.model, config["model"])
+    if run.sampler is not None and run.sampler.batch != config["batch"]:
+        log(f"training batch {run.sampler.batch:,} (max_epoch_steps={config['max_epoch_steps']}: "
+            f"{len(run.sampler):,} steps an epoch), learning rate "
+            f"{batch_lr(run.cfg, run.sampler):g}")
     start = 0
     if ck is not None:
         try:

@@ -74,6 +74,7 @@ from diffkg_fast.model.patients import patient_code_matrix
 from diffkg_fast.ops.graph import KGCSR, norm_adjacency, torch_csr
 from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.distributed import Span, whole_batch
+from diffkg_fast.utils.epoch_batch import epoch_batch
 from diffkg_fast.utils.memory_check import MemoryTerm
 from diffkg_fast.utils.seed import rng_stream
 
@@ -236,9 +237,11 @@ class DiffKG(EmbeddingRecommender):
         """DiffKG's big tensors, float32, one process (an FSDP-sharded denoiser counted whole):
         the denoiser's 2·E·H weights with gradient and Adam moments (16 B each; 12 B with the
         lazy Adam's compact gradient), a dense diffusion step's five B × E blocks (the exact
-        mode), InfoNCE's B × (U + I) logits (all users and items) and the recommender's
-        embeddings with gradient and moments (16 B per (U + E) × d weight)."""
+        mode), InfoNCE's B' × (U + I) logits (all users and items; B' the recommender's batch,
+        grown by ``max_epoch_steps``) and the recommender's embeddings with gradient and moments
+        (16 B per (U + E) × d weight)."""
         E, B, d = ds.n_entities, config["batch"], config["latdim"]
+        b_rec = epoch_batch(int(ds.train.nnz), B, config.get("max_epoch_steps", 0))
         H = int(config["dims"][0])
         per_weight = 12 if config["denoiser_adam"] == "lazy" else 16
         diffusion = config["use_diffusion"]
@@ -254,7 +257,8 @@ class DiffKG(EmbeddingRecommender):
                        "diffusion_mode=sampled scores a row's edges and sampled negatives; or a "
                        "smaller batch"),
             MemoryTerm("the contrastive loss's batch x (users + items) logits",
-                       4 * B * logits, False, "cl_mode=sampled; or a smaller batch"),
+                       4 * b_rec * logits, False,
+                       "cl_mode=sampled; or a smaller batch (a larger max_epoch_steps)"),
             MemoryTerm("the recommender's embeddings, gradients and Adam moments",
                        16 * (ds.n_users + E) * d, True, "a smaller latdim"),
         ]
