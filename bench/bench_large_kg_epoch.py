@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_large_kg import shape  # noqa: E402
 from bench_memory import _CHILD  # noqa: E402
-from large_kg_scaling import slope  # noqa: E402
+from large_kg_scaling import loglog, slope  # noqa: E402
 
 # Every large-KG option (docs/large-kg.md) at H = 256, where a million entities fit 16 GB.
 LARGE_KG: dict[str, Any] = {
@@ -145,26 +145,12 @@ def exponents(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def plot(rows: list[dict[str, Any]], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    b = exponents(rows)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = [r["n_entities"] for r in rows]
     series = {**{k: [k] for k in ("diffusion", "rebuild", "recommender", "validation")},
               "epoch": list(PHASES[:4]), "total": list(PHASES)}
-    for name, keys in series.items():
-        ys = [sum(r["seconds"][k] for k in keys) for r in rows]
-        ax.loglog(xs, ys, "o-" if name in ("epoch", "total") else "s--",
-                  label=f"{name} (slope {b.get(name, float('nan')):.2f})")
-    ax.set_xlabel("KG entities (Alibaba-iFashion's proportions)")
-    ax.set_ylabel(f"seconds ({rows[0]['threads']} thread(s))")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    loglog([(name, "o-" if name in ("epoch", "total") else "s--",
+             [(r["n_entities"], sum(r["seconds"][k] for k in keys)) for r in rows])
+            for name, keys in series.items()],
+           f"seconds ({rows[0]['threads']} thread(s))", png)
 
 
 def main(argv: list[str] | None = None) -> int:

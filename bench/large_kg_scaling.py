@@ -58,25 +58,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(cs: dict[tuple[str, int, str], list[tuple[float, float]]], png: Path) -> None:
+def loglog(lines: list[tuple[str, str, list[tuple[float, float]]]], ylabel: str,
+           png: Path) -> None:
+    """A log-log plot of ``(label, matplotlib style, [(entities, seconds)])`` lines, each label
+    with its fitted slope."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (mode, hidden, part), pts in sorted(cs.items()):
-        if len(pts) < 2:
-            continue
+    for label, style, pts in lines:
         xs, ys = zip(*pts, strict=True)
-        ax.loglog(xs, ys, "o-" if part == "train" else "s--",
-                  label=f"{mode}, H={hidden}, {part} (slope {slope(pts):.2f})")
+        ax.loglog(xs, ys, style, label=f"{label} (slope {slope(pts):.2f})")
     ax.set_xlabel("KG entities (Alibaba-iFashion's proportions)")
-    ax.set_ylabel("seconds per epoch (one thread)")
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+def plot(cs: dict[tuple[str, int, str], list[tuple[float, float]]], png: Path) -> None:
+    loglog([(f"{mode}, H={hidden}, {part}", "o-" if part == "train" else "s--", pts)
+            for (mode, hidden, part), pts in sorted(cs.items()) if len(pts) >= 2],
+           "seconds per epoch (one thread)", png)
 
 
 def main(argv: list[str] | None = None) -> int:
