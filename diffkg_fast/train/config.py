@@ -54,6 +54,9 @@ class TrainConfig:
     - ``batch_lr_scaling``: ``none`` (the batch loop's Adam at ``lr``) or ``sqrt`` (at
       ``lr · sqrt(grown batch / batch)`` when ``max_epoch_steps`` grew it;
       :func:`~diffkg_fast.train.trainer.batch_lr`);
+    - ``valid_users``: validate on a fixed uniform sample of this many of the users with a
+      validation target (drawn once from the seed; 0: all of them); the test ranking is always
+      complete (:func:`~diffkg_fast.train.trainer.validation_users`);
     - ``target_ddi``: the DDI rate the DDI-aware set rule must stay under on validation
       (:mod:`diffkg_fast.eval.set_choice`); SafeDrug's ``target_ddi`` (0.06), and the same key
       as the DDI loss's target for a model that takes one.
@@ -73,6 +76,7 @@ class TrainConfig:
     target_ddi: float = 0.06
     max_epoch_steps: int = 0
     batch_lr_scaling: str = "none"
+    valid_users: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
@@ -93,6 +97,8 @@ class TrainConfig:
         if self.max_epoch_steps < 0:
             raise ValueError(f"max_epoch_steps must be >= 0 (0: no bound), got "
                              f"{self.max_epoch_steps}")
+        if self.valid_users < 0:
+            raise ValueError(f"valid_users must be >= 0 (0: every user), got {self.valid_users}")
         if self.batch_lr_scaling not in ("none", "sqrt"):
             raise ValueError(f"batch_lr_scaling must be 'none' or 'sqrt', got "
                              f"{self.batch_lr_scaling!r}")

@@ -187,21 +187,23 @@ def choose_sets(model: Recommender, ds: KGDataset, *, target_ddi: float,
 
 def evaluate_split(model: Recommender, ds: KGDataset, split: str, *, batch_size: int = 1024,
                    device: str = "cpu", sets: SetChoice | None = None,
-                   dist: Dist | None = None) -> dict[str, float]:
+                   dist: Dist | None = None, users: np.ndarray | None = None,
+                   ) -> dict[str, float]:
     """Ranking metrics of ``split`` (``"valid"`` or ``"test"``), plus ``med_*`` (and, with
     ``sets`` and a ``ddi`` relation, ``safe_*``) metrics for a dataset with a visit split
     (module docstring), with the model's current state; ``dist``: sharded over the ranks of a
-    data-parallel run, every rank returning the same metrics."""
+    data-parallel run, every rank returning the same metrics; ``users``: rank only these users
+    (``None``: every user with a target; the visit metrics are always over every visit)."""
     if split not in SPLIT_ID:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     model.eval()
     target = ds.valid if split == "valid" else ds.test
     exclude: list[sp.spmatrix] = [ds.train] if split == "valid" else [ds.train, ds.valid]
     if dist is None or not dist.active:
-        out = ranking_metrics(_score_fn(model, ds, split), None, target, exclude=exclude,
+        out = ranking_metrics(_score_fn(model, ds, split), users, target, exclude=exclude,
                               ks=KS, batch_size=batch_size, device=device)
     else:
-        sums, n = ranking_sums(_score_fn(model, ds, split), None, target, exclude=exclude,
+        sums, n = ranking_sums(_score_fn(model, ds, split), users, target, exclude=exclude,
                                ks=KS, batch_size=batch_size, device=device,
                                select=lambda n_batches: block(n_batches, dist))
         total = sum_across({**sums, "n_users": float(n)}, dist)

@@ -20,7 +20,7 @@ __all__ = ["STREAMS", "rng_stream", "seed_everything"]
 
 # Append-only: a name's position fixes its stream's seed, so reordering would change every run.
 STREAMS = ("init", "neighbours", "dropout", "diffusion", "rebuild", "negatives", "shuffle",
-           "kg_quality", "kg", "cl_negatives")
+           "kg_quality", "kg", "cl_negatives", "valid_users")
 _STRIDE = 7919  # a prime, so that the streams of neighbouring seeds never coincide
 
 
