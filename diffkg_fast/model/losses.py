@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffkg_fast.ops.contrastive import logsumexp_mm
+from diffkg_fast.ops.contrastive import logsumexp_mm, sampled_logsumexp
 from diffkg_fast.ops.rows import rows
 from diffkg_fast.utils.distributed import SINGLE, Dist, Span, global_sum
 
@@ -92,10 +92,11 @@ def info_nce_sampled(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float,
         raise ValueError("info_nce_sampled needs at least one negative")
     z1 = F.normalize(rows(view1, nodes), dim=-1) / temp
     pos = (z1 * F.normalize(rows(view2, nodes), dim=-1)).sum(-1)
-    logits = z1 @ F.normalize(rows(view2, negatives), dim=-1).T + math.log(n / k)
-    # A draw of the node itself is its positive, already counted exactly: dropped.
-    logits = logits.masked_fill(negatives[None, :] == nodes[:, None], float("-inf"))
-    return (torch.logsumexp(torch.cat([pos[:, None], logits], 1), -1) - pos).mean()
+    # A draw of the node itself is its positive, already counted exactly: dropped (its logit
+    # -inf); one B × k block for forward and backward (sampled_logsumexp).
+    lse = sampled_logsumexp(z1, F.normalize(rows(view2, negatives), dim=-1), pos, nodes,
+                            negatives, math.log(n / k))
+    return (lse - pos).mean()
 
 
 def info_nce_in_batch(view1: Tensor, view2: Tensor, nodes: Tensor, temp: float) -> Tensor:

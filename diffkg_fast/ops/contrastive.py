@@ -31,7 +31,7 @@ from torch import Tensor
 
 from diffkg_fast.ops.backend import register, resolve
 
-__all__ = ["logsumexp_mm"]
+__all__ = ["logsumexp_mm", "sampled_logsumexp"]
 
 
 @register("logsumexp_mm", "reference")
@@ -118,3 +118,108 @@ def logsumexp_mm(a: Tensor, b: Tensor, backend: str = "auto") -> Tensor:
         raise ValueError(f"logsumexp_mm: a is {a.dtype} on {a.device}, b is {b.dtype} on "
                          f"{b.device}")
     return resolve("logsumexp_mm", backend, a.device)(a, b)
+
+
+# --------------------------------------------------------------------------- sampled InfoNCE
+# The denominator of info_nce_sampled (diffkg_fast.model.losses): per row n,
+# logsumexp([pos_n, s_n1 + shift, …, s_nk + shift]) with s = a @ bᵀ and the entries where
+# negatives[i] == nodes[n] at -inf (a draw of the node itself is its positive). Under the
+# large-KG regime the batch grows (max_epoch_steps): at a million entities 112,638 × 1,025
+# logits, 460 MB, and the reference's chain (the sum with the shift, the masked copy, the
+# concatenation, logsumexp's x - max and exp, and the backward's product) allocates six or
+# seven such blocks a step. The lean version keeps one, the GEMM's logits, and rebuilds each
+# row's [pos, s + shift] a cache-sized chunk at a time in the forward and the backward: the
+# reference's operations in its order on the same values (elementwise, or reductions within a
+# row), so the same bits (tested).
+
+
+@register("sampled_logsumexp", "reference")
+def _sampled_logsumexp_reference(a: Tensor, b: Tensor, pos: Tensor, nodes: Tensor,
+                                 negatives: Tensor, shift: float) -> Tensor:
+    logits = a @ b.T + shift
+    logits = logits.masked_fill(negatives[None, :] == nodes[:, None], float("-inf"))
+    return torch.logsumexp(torch.cat([pos[:, None], logits], 1), -1)
+
+
+def _row_chunk(x: Tensor, logits: Tensor, pos: Tensor, nodes: Tensor, negatives: Tensor,
+               shift: float, sl: slice) -> tuple[Tensor, Tensor]:
+    """Rows ``sl`` of the reference's ``cat([pos, masked logits + shift])`` written into ``x``;
+    and their mask."""
+    x[:, 0] = pos[sl]
+    torch.add(logits[sl], shift, out=x[:, 1:])
+    mask = negatives[None, :] == nodes[sl, None]
+    x[:, 1:].masked_fill_(mask, float("-inf"))
+    return x, mask
+
+
+class _SampledLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, pos: Tensor, nodes: Tensor,  # type: ignore[override]
+                negatives: Tensor, shift: float) -> Tensor:
+        logits = torch.mm(a, b.T)  # kept for the backward: one B × k block
+        lse = logits.new_empty(logits.shape[0])
+        width = logits.shape[1] + 1
+        step = max(_MIN_ROWS, _CHUNK_BYTES // (width * logits.element_size()))
+        tmp = logits.new_empty(min(step, logits.shape[0]), width)
+        n = logits.shape[0]
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            x, _ = _row_chunk(tmp[:min(step, n - s)], logits, pos, nodes, negatives, shift, sl)
+            m = x.amax(dim=-1, keepdim=True)  # torch.logsumexp's steps, as in _LogSumExpMM
+            m.masked_fill_(m.isinf(), 0.0)
+            lse[sl] = x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+        ctx.save_for_backward(a, b, pos, nodes, negatives, lse)
+        ctx.buf, ctx.shift, ctx.step = logits, shift, step
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b, pos, nodes, negatives, lse = ctx.saved_tensors
+        logits, step = ctx.buf, ctx.step
+        if logits is None:  # a second backward (retained graph): the logits again
+            logits = torch.mm(a, b.T)
+        ctx.buf = None
+        gpos = torch.empty_like(pos)
+        tmp = logits.new_empty(min(step, logits.shape[0]), logits.shape[1] + 1)
+        n = logits.shape[0]
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            x, mask = _row_chunk(tmp[:min(step, n - s)], logits, pos, nodes, negatives,
+                                 ctx.shift, sl)
+            # logsumexp's backward, exp(x - lse) * grad; the cat's and masked_fill's backward.
+            x.sub_(lse[sl].unsqueeze(-1)).exp_().mul_(grad[sl].unsqueeze(-1))
+            gpos[sl] = x[:, 0]
+            logits[sl] = x[:, 1:].masked_fill_(mask, 0.0)
+        da = torch.mm(logits, b) if ctx.needs_input_grad[0] else None
+        db = torch.mm(logits.T, a) if ctx.needs_input_grad[1] else None
+        return da, db, gpos, None, None, None
+
+
+@register("sampled_logsumexp", "cuda")
+@register("sampled_logsumexp", "cpu")
+def _sampled_logsumexp_lean(a: Tensor, b: Tensor, pos: Tensor, nodes: Tensor,
+                            negatives: Tensor, shift: float) -> Tensor:
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
+                                         or pos.requires_grad)) \
+            or not len(b) or torch.compiler.is_compiling():
+        return _sampled_logsumexp_reference(a, b, pos, nodes, negatives, shift)
+    return _SampledLogSumExp.apply(a, b, pos, nodes, negatives, shift)
+
+
+def sampled_logsumexp(a: Tensor, b: Tensor, pos: Tensor, nodes: Tensor, negatives: Tensor,
+                      shift: float, backend: str = "auto") -> Tensor:
+    """``logsumexp([pos_n, <a_n, b_i> + shift for each i with negatives[i] != nodes[n]])`` (B,)
+    for ``a`` (B × d), ``b`` (k × d), ``pos`` (B,), ``nodes`` (B,) and ``negatives`` (k,): the
+    sampled InfoNCE denominator of :func:`~diffkg_fast.model.losses.info_nce_sampled`,
+    differentiable in ``a``, ``b`` and ``pos``. ``backend``: ``"auto"`` (one B × k block) or
+    ``"reference"``."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"sampled_logsumexp: a {tuple(a.shape)} and b {tuple(b.shape)} must "
+                         f"be (B, d) and (k, d)")
+    if pos.shape != (a.shape[0],) or nodes.shape != (a.shape[0],) or \
+            negatives.shape != (b.shape[0],):
+        raise ValueError(f"sampled_logsumexp: pos {tuple(pos.shape)}, nodes "
+                         f"{tuple(nodes.shape)} and negatives {tuple(negatives.shape)} must be "
+                         f"({a.shape[0]},), ({a.shape[0]},) and ({b.shape[0]},)")
+    return resolve("sampled_logsumexp", backend, a.device)(a, b, pos, nodes, negatives, shift)
