@@ -5,9 +5,11 @@ An epoch of a model (:class:`~diffkg_fast.model.base.Recommender`):
 1. ``model.on_epoch_start(epoch)``: the phases the model owns (DiffKG: one diffusion pass over
    the KG rows, then the rebuild of this epoch's denoised KG);
 2. the batch loop (the sampler of the model's ``batch_kind``, :mod:`~diffkg_fast.train.sampling`:
-   BPR triples or users with their rows), each step ``model(batch)`` → loss;
+   BPR triples or users with their rows; ``batch`` rows a step, grown to bound the epoch at
+   ``max_epoch_steps`` steps), each step ``model(batch)`` → loss;
 3. ``model.on_epoch_end(epoch)`` (a KG phase, an attention refresh);
-4. validation ranking, every ``eval_every`` epochs and after the last one.
+4. validation ranking, every ``eval_every`` epochs and after the last one (of every user with
+   a validation target, or of a fixed sample of ``valid_users`` of them).
 
 The best validated epoch's scoring state is kept (:mod:`~diffkg_fast.train.selection`);
 ``patience`` validations without improvement stop the run. On a ``visit``-split dataset the
@@ -17,13 +19,14 @@ state (:func:`~diffkg_fast.train.evaluation.choose_sets`), recorded in the check
 (training and validation items excluded). The test split never influences any choice.
 
 Randomness: ``seed_everything(seed)``, then every draw from a named stream of the seed (the
-model's own, the sampler's ``negatives`` and ``shuffle``). With ``out_dir`` the run folder
+model's own, the sampler's ``negatives`` and ``shuffle``, the validation sample's
+``valid_users``). With ``out_dir`` the run folder
 (:mod:`~diffkg_fast.train.run_folder`) is rewritten after every epoch, and ``resume=True``
 continues from its checkpoint to the same bits as an uninterrupted run.
 
 Data-parallel (``torchrun``, or any initialised default process group;
 :mod:`~diffkg_fast.train.distributed`): the recommender runs in ``DistributedDataParallel`` and
-every rank steps through its part of each global batch of ``batch`` rows (the loss scaled so
+every rank steps through its part of each global batch (the loss scaled so
 that DDP's average is the global batch's mean: ``batch_part``), so ``N`` ranks follow the
 single process's trajectory up to float reduction order; the model shards its own phases
 (``Recommender.distribute``); validation and test are sharded by users and their sums reduced;
