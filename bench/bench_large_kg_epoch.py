@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_large_kg import shape  # noqa: E402
-from bench_memory import _CHILD  # noqa: E402
+from bench_memory import _CHILD, _batches  # noqa: E402
 from large_kg_scaling import loglog, slope  # noqa: E402
 
 # Every large-KG option (docs/large-kg.md) at H = 256, where a million entities fit 16 GB.
@@ -66,8 +66,10 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
             timeout: float) -> dict[str, Any]:
     """One size: build the data here, train one epoch in a fresh child."""
     from diffkg_fast.data.dataset import KGDataset
+    from diffkg_fast.train.config import make_config
     from diffkg_fast.utils.epoch_batch import epoch_batch
 
+    cfg = make_config(epoch=1, **options)  # the child's config: its batches and steps
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         path = dataset(n_entities, Path(tmp))
@@ -77,6 +79,7 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
         sizes = {"n_entities": ds.n_entities, "n_users": ds.n_users, "n_items": ds.n_items,
                  "triplets": ds.n_triplets, "train": T, "valid": int(ds.valid.nnz),
                  "test": int(ds.test.nnz)}
+        kg_batches, steps = _batches(ds, cfg)
         del ds
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         try:
@@ -89,8 +92,7 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
         return {**sizes, "error": out.stderr[-3000:]}
     res = json.loads(out.stdout.strip().splitlines()[-1])
     by_name = {p["phase"]: p for p in res["phases"]}
-    batch = epoch_batch(T, 1024, options.get("max_epoch_steps", 0))
-    steps, kg_batches = -(-T // batch), -(-sizes["n_entities"] // 1024)
+    batch = epoch_batch(T, cfg["batch"], cfg["max_epoch_steps"])
     seconds = {**{k: res["time"][k] for k in ("diffusion", "rebuild", "kg_quality",
                                               "recommender")},
                "validation": by_name["validation ranking (all users)"]["s"],

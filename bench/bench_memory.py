@@ -51,6 +51,7 @@ from diffkg_fast.data.dataset import KGDataset
 from diffkg_fast.data.medkg import build_medication_dataset
 from diffkg_fast.data.synthetic import synthetic_records_scaled
 from diffkg_fast.train.config import RunConfig, make_config
+from diffkg_fast.utils.epoch_batch import epoch_batch
 
 ALIBABA = {"n_users": 114_737, "n_items": 30_040, "n_entities": 89_196}
 COHORT = {"n_diag": 44_000, "n_proc": 15_156, "med_scale": 0.2485}  # over the "alibaba" preset
@@ -214,8 +215,11 @@ def _extrapolated(time_s: dict[str, float], ds: KGDataset, cfg: RunConfig) -> di
 
 
 def _batches(ds: KGDataset, cfg: RunConfig) -> tuple[int, int]:
-    """An epoch's diffusion (and rebuild) batches and its recommender steps."""
-    return -(-ds.n_entities // cfg["batch"]), -(-int(ds.train.nnz) // cfg["batch"])
+    """An epoch's diffusion (and rebuild) batches and its recommender steps (the batch grown
+    as the trainer grows it under ``max_epoch_steps``)."""
+    T = int(ds.train.nnz)
+    return (-(-ds.n_entities // cfg["batch"]),
+            -(-T // epoch_batch(T, cfg["batch"], cfg["max_epoch_steps"])))
 
 
 def machine_rates(threads: int) -> dict[str, float]:

@@ -12,8 +12,9 @@ from diffkg_fast.data.errors import DataError
 from diffkg_fast.model.diffkg import DiffKG
 from diffkg_fast.train import train
 from diffkg_fast.train.config import make_config
-from diffkg_fast.train.sampling import PairSampler, UserSampler, epoch_batch
+from diffkg_fast.train.sampling import PairSampler, UserSampler
 from diffkg_fast.train.trainer import batch_lr
+from diffkg_fast.utils.epoch_batch import epoch_batch
 
 BATCH = 128
 

@@ -49,7 +49,7 @@ class TrainConfig:
     - ``device``: ``cpu``, ``cuda`` or ``cuda:N``: where the model and its graphs live;
     - ``max_epoch_steps``: at most this many optimiser steps an epoch: the training batch grows
       to ``ceil(rows / max_epoch_steps)`` where ``batch`` would take more (0: ``batch`` always;
-      :func:`~diffkg_fast.train.sampling.epoch_batch`); the large-KG regime, where a step's cost
+      :func:`~diffkg_fast.utils.epoch_batch.epoch_batch`); the large-KG regime, where a step's cost
       grows with the graph (docs/large-kg-epochs.md);
     - ``batch_lr_scaling``: ``none`` (the batch loop's Adam at ``lr``) or ``sqrt`` (at
       ``lr · sqrt(grown batch / batch)`` when ``max_epoch_steps`` grew it;

@@ -31,8 +31,7 @@ from diffkg_fast.utils.epoch_batch import epoch_batch
 from diffkg_fast.utils.negatives import sample_negatives
 from diffkg_fast.utils.seed import rng_stream
 
-__all__ = ["SAMPLERS", "PairSampler", "UserSampler", "epoch_batch", "interactions",
-           "sample_negatives"]
+__all__ = ["SAMPLERS", "PairSampler", "UserSampler", "interactions", "sample_negatives"]
 
 
 def interactions(train: sp.spmatrix) -> tuple[Tensor, Tensor, Tensor]:

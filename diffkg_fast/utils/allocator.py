@@ -7,7 +7,7 @@ every step. DiffKG's steps at Alibaba-iFashion's shape are made of such blocks: 
 logits (1,024 × 114,737 floats, 448 MB), the diffusion's 1,024 × 89,196 KG-row blocks (348 MB
 each). One recommender step there took 256,000 page faults (1 GB of fresh pages) and 2.6 s at
 one thread; served from the heap and kept there, 1 fault and 2.1 s (``bench/results/
-cpu-memory-alibaba.txt`` has the whole epoch).
+cpu-epoch-alibaba.txt`` has the whole epoch).
 
 :func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block from the heap) and its
 ``M_TRIM_THRESHOLD`` out of reach (freed heap memory stays for the next step), as PyTorch's CUDA
