@@ -102,7 +102,9 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
                  "rebuild": kg_batches / min(limit, kg_batches),
                  "recommender": steps / min(limit, steps)}
         seconds = {k: v * scale.get(k, 1.0) for k, v in seconds.items()}
+    keep = os.environ.get("DIFFKG_FAST_KEEP_FREED_MEMORY", "1") != "0"
     return {**sizes, "data_s": data_s, "threads": threads, "options": options, "limit": limit,
+            "keep_freed_memory": keep,
             "recommender_batch": batch, "recommender_steps": steps, "kg_batches": kg_batches,
             "seconds": seconds, "epoch_plus_eval_s": sum(seconds.values()),
             "peak_rss_mb": max(p["peak_mb"] for p in res["phases"]),

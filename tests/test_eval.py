@@ -20,7 +20,8 @@ from diffkg_fast.eval.medication import (
     predict_topk,
     visit_med_matrix,
 )
-from diffkg_fast.eval.ranking import ranking_metrics, topk_items
+from diffkg_fast.eval.ranking import ranking_metrics
+from diffkg_fast.eval.topk import topk_items
 
 INF = float("inf")
 

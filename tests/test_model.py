@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from diffkg_fast.eval.ranking import topk_items
+from diffkg_fast.eval.topk import topk_items
 from diffkg_fast.model import (
     MODELS,
     DiffKG,

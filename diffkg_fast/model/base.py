@@ -34,6 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from diffkg_fast.eval.factored import FactoredScores
 from diffkg_fast.utils.distributed import SINGLE, Dist, Span
 from diffkg_fast.utils.memory_check import MemoryTerm
 
@@ -194,6 +195,12 @@ class Recommender(nn.Module):
         """``B × n_items`` scores of ``users`` (int64 ids), eval mode, no gradient."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def ranking_scores(self, users: Tensor) -> Tensor | FactoredScores:
+        """:meth:`score`, in the form the ranking metrics read fastest (default: the tensor;
+        an embedding model gives its factors, ranked without writing ``B × n_items``)."""
+        return self.score(users)
+
     @property
     def patient_inputs(self) -> frozenset[str]:
         """Which fields of :class:`Patients` besides ``users`` :meth:`score_patients` reads:
@@ -264,8 +271,12 @@ class EmbeddingRecommender(Recommender):
 
     @torch.no_grad()
     def score(self, users: Tensor) -> Tensor:
+        return self.ranking_scores(users).dense()
+
+    @torch.no_grad()
+    def ranking_scores(self, users: Tensor) -> FactoredScores:
         u, i = self.embeddings()
-        return u[users.to(u.device)] @ i.T
+        return FactoredScores(u[users.to(u.device)], i)
 
 
 def check_options(values: Mapping[str, Any], *, positive: Iterable[str] = (),

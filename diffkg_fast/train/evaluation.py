@@ -74,7 +74,7 @@ def _score_fn(model: Recommender, ds: KGDataset, split: str) -> Callable[[Tensor
     the split's own visits."""
     inputs = model.patient_inputs
     if not inputs:
-        return model.score
+        return model.ranking_scores
     codes = None
     if "codes" in inputs and ds.visits is not None:
         codes = patient_code_matrix(ds.visits, ds.n_users, ds.n_entities, (0, SPLIT_ID[split]))
