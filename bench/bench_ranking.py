@@ -9,7 +9,9 @@ excluded (the KG's training interactions per user), top 40 (the harness's larges
 - ``reference``: ``topk_items(U_B @ Iᵀ, exclude, 40)`` on the whole ``B × n`` matrix (the dense
   mask, the ``-inf`` copy, ``topk``: what every non-embedding model still runs);
 - ``blocked``: :func:`~diffkg_fast.eval.factored.topk_factored` at ``block`` items per block
-  (``1024`` is the default; the others show the choice).
+  (``1024`` is the default; the others show the choice);
+- ``product-only``: the blocked path's products alone (``B × 1,024`` blocks into one buffer, no
+  selection): the floor of the blocked path on this CPU, beside the FLOP count.
 
 ``extra_info``: ``flop`` (the product's ``2·B·n·H``, the compulsory work: every score is read
 once), ``bytes`` (the factors, the compulsory traffic; the reference also writes and re-reads
@@ -44,9 +46,20 @@ def batch():
 
 
 @pytest.mark.parametrize("provider", ["reference", "blocked-512", "blocked-1024",
-                                      "blocked-4096", "blocked-16384"])
+                                      "blocked-4096", "blocked-16384", "product-only"])
 def test_rank_batch(benchmark, one_thread, batch, provider: str) -> None:
     scores, exclude = batch
+    benchmark.group = "rank-1m-entities"
+    benchmark.extra_info.update(flop=2 * B * N_ITEMS * H, bytes=4 * (B + N_ITEMS) * H)
+    if provider == "product-only":
+        buf = torch.empty(B, 1024)
+
+        def products():
+            for lo in range(0, N_ITEMS - 1024 + 1, 1024):
+                torch.mm(scores.left, scores.right[lo:lo + 1024].T, out=buf)
+
+        benchmark.pedantic(products, rounds=5, iterations=1, warmup_rounds=1)
+        return
     if provider == "reference":
         def run():
             return topk_items(scores.dense(), exclude, K)
@@ -56,7 +69,5 @@ def test_rank_batch(benchmark, one_thread, batch, provider: str) -> None:
         def run():
             return topk_factored(scores, exclude, K, block=block)
 
-    benchmark.group = "rank-1m-entities"
-    benchmark.extra_info.update(flop=2 * B * N_ITEMS * H, bytes=4 * (B + N_ITEMS) * H)
     top = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     assert torch.equal(top, topk_items(scores.dense(), exclude, K))

@@ -11,6 +11,7 @@ import diffkg_fast.model.diffkg.encoder as encoder_mod
 import diffkg_fast.train.evaluation as evaluation_mod
 from diffkg_fast.data.build import build_dataset
 from diffkg_fast.data.errors import DataError
+from diffkg_fast.eval.factored import FactoredScores
 from diffkg_fast.eval.ranking import ranking_metrics
 from diffkg_fast.model import MODELS, EmbeddingRecommender, EpochReport, bpr_loss
 from diffkg_fast.model.registry import register_model
@@ -138,7 +139,8 @@ def test_early_stopping_keeps_best_val_epoch_and_tests_once(
     calls: list[tuple[str, torch.Tensor]] = []
 
     def fake(score_fn, users, target, exclude=(), **kw):
-        s = score_fn(torch.arange(3)).clone()
+        s = score_fn(torch.arange(3))
+        s = (s.dense() if isinstance(s, FactoredScores) else s).clone()
         if target is ds.test:
             assert len(exclude) == 2  # train and valid excluded at test time
             calls.append(("test", s))

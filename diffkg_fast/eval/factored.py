@@ -3,8 +3,9 @@
 An embedding model scores a batch of ``B`` users against every item as ``U_B @ Iᵀ``. Ranking
 every user of a large catalogue is then dominated not by that product's ``2·B·n·H`` FLOPs but
 by what follows it over a ``B × n`` matrix far larger than any cache: the exclusion mask, the
-``-inf`` fill (a copy) and ``topk`` (336,786 items, ``B = 1,024``, ``H = 128``, one thread:
-1.6 s of product, 2.1 s of the rest), and by its memory (1.4 GB a batch; the million-entity
+``-inf`` fill (a copy) and ``topk``. At the million-entity KG's shape (336,786 items,
+``B = 1,024``, ``H = 64``, one thread) a batch took 3.5 s where its product alone takes 0.52 s
+(``bench/results/cpu-ranking.txt``), and 1.4 GB of scores (the million-entity
 test ranking was killed at 24 GB with ``B = 1,024``).
 
 :func:`topk_factored`, on a CPU, walks the items in blocks of ``block`` columns: one
@@ -20,7 +21,8 @@ asc); a row tied across that boundary is scored whole and fully sorted, as there
 The same ids as ``topk_items(left @ right.T, exclude, k)`` whenever a block's product has the
 bits of the same columns of the whole product: each score is one ``H``-long dot product, which
 BLAS kernels do not split at these ``H`` (checked: integer-valued factors in the tests, where
-every order is exact; float factors at 336,786 items; the runs' digests before and after).
+every order is exact; float factors in a test at 5,000 items and in the benchmark at 336,786;
+DiffKG and LightGCN runs at 20k entities: every logged metric the same to the last bit).
 Memory: ``B × block`` scores and ``B × (k + 1)`` heaps instead of ``B × n``. Other devices
 (``topk`` is fast there) and other dtypes rank the whole matrix.
 """
@@ -40,7 +42,7 @@ from diffkg_fast.eval.topk import order_top, topk_items
 __all__ = ["BLOCK_ITEMS", "FactoredScores", "topk_factored"]
 
 # Items per block: B × 1,024 float32 at B = 1,024 is 4 MiB, inside this CPU's 32 MiB L3, and
-# the product runs at its best there (bench/bench_ranking.py measures 1,024 … 16,384).
+# the fastest of 512 … 16,384 in bench/bench_ranking.py (0.79 s a batch against 3.5 s whole).
 BLOCK_ITEMS = 1024
 
 
