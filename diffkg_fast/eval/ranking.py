@@ -49,7 +49,8 @@ def ranking_metrics(
     never written whole: the same ranking). ``users`` restricts the evaluation
     (``None``: all users); only those with at least one ``target`` item are scored and counted.
     ``exclude`` lists the CSR matrices of known items (training; training and validation when
-    testing). Users are scored ``batch_size`` at a time, so memory is O(batch × items).
+    testing). Users are scored ``batch_size`` at a time, so memory is O(batch × items)
+    (O(batch × block) for factored scores).
 
     Returns ``{"recall@K": …, "ndcg@K": …, "n_users": count}``; with no user counted every
     metric is ``nan`` (an empty average, not a zero).

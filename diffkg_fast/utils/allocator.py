@@ -13,10 +13,13 @@ cpu-epoch-alibaba.txt`` has the whole epoch).
 ``M_TRIM_THRESHOLD`` out of reach (freed heap memory stays for the next step), as PyTorch's CUDA
 caching allocator keeps device memory. The price: the process's resident memory does not fall
 back after a peak until it exits, and blocks of slightly different sizes fragment the heap: the
-Alibaba-shape epoch's peak RSS is 7.6 GiB with it, 5.5 GiB without. It changes where blocks
-live, never a value (the same bits: a 2-epoch run's checkpoint, three Alibaba-shape steps). The
-CLI calls it at start (``DIFFKG_FAST_KEEP_FREED_MEMORY=0`` turns that off); a Python caller opts
-in by calling it once before training. Elsewhere than glibc it does nothing.
+Alibaba-shape epoch's peak RSS is 7.6 GiB with it, 5.5 GiB without; at a million entities
+three recommender steps grow the heap to 14.4 GiB with it, 9.6 GiB without, at 18.9 against
+29.5 s a step (``docs/large-kg-epochs.md``: that epoch fits 16 GB only without it). It
+changes where blocks live, never a value (the same bits: a 2-epoch run's checkpoint, three
+Alibaba-shape steps). The CLI calls it at start (``DIFFKG_FAST_KEEP_FREED_MEMORY=0`` turns that
+off); a Python caller opts in by calling it once before training. Elsewhere than glibc it does
+nothing.
 
 Tried instead: torch's transparent-huge-page option (``THP_MEM_ALLOC_ENABLE=1``, blocks of 2 MB
 and more ``madvise``d as huge pages): no memory cost and as fast on two diffusion batches, but
