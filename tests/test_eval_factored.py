@@ -22,17 +22,20 @@ def integer_factors(rng, n_rows, n_items, h, spread):
 
 
 def random_exclude(rng, n_rows, n_items, density):
-    """A CSR with duplicate entries and unsorted columns, and one row excluding everything."""
-    nnz = int(density * n_rows * n_items)
-    rows = rng.integers(0, n_rows, nnz)
-    cols = rng.integers(0, n_items, nnz)
-    m = sp.csr_matrix((np.ones(nnz), (rows, cols)), shape=(n_rows, n_items))
-    m = m.tolil()
-    if n_rows > 1:
-        m[1, :] = 1
-    m = m.tocsr()
-    m.has_sorted_indices = False  # the function must not trust it
-    return m
+    """A CSR whose rows hold their columns in descending order, one column twice (a duplicate
+    entry), and whose second row excludes everything."""
+    rows = []
+    for r in range(n_rows):
+        cols = np.flatnonzero(rng.random(n_items) < density)
+        if r == 1:
+            cols = np.arange(n_items)
+        if len(cols):
+            cols = np.concatenate([cols[::-1], cols[:1]])
+        rows.append(cols)
+    indptr = np.concatenate([[0], np.cumsum([len(c) for c in rows])])
+    indices = np.concatenate(rows).astype(np.int32)
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr),
+                         shape=(n_rows, n_items))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -104,6 +107,9 @@ def test_bad_arguments():
         topk_factored(f, None, 3, block=0)
     with pytest.raises(ValueError, match="exclude has shape"):
         topk_factored(f, sp.csr_matrix((3, 30)), 3, block=8)
+    bad = sp.csr_matrix((np.ones(1), np.array([30]), np.array([0, 1, 1])), shape=(2, 30))
+    with pytest.raises(ValueError, match="column outside"):
+        topk_factored(f, bad, 3, block=8)
 
 
 def test_float_factors_same_ranking_metrics():

@@ -188,6 +188,9 @@ def topk_factored(scores: FactoredScores, exclude: sp.spmatrix | None, k: int,
         if ex.shape != (n_rows, n_items):
             raise ValueError(f"exclude has shape {ex.shape}, scores {(n_rows, n_items)}")
         ex.sum_duplicates()  # sorted, unique columns per row: the scan's cursor walks them
+        if ex.nnz and (ex.indices.min() < 0 or ex.indices.max() >= n_items):
+            # The scan writes at these columns unchecked: refuse what would write outside.
+            raise ValueError(f"exclude has a column outside 0 … {n_items - 1}")
     vals, ids = _best_per_row(scores, ex, kk + 1, block)
     top, slow = order_top(vals, ids, kk)
     rows = slow.nonzero().squeeze(1)
