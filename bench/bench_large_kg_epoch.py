@@ -67,6 +67,7 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
     """One size: build the data here, train one epoch in a fresh child."""
     from diffkg_fast.data.dataset import KGDataset
     from diffkg_fast.train.config import make_config
+    from diffkg_fast.utils.allocator import keep_requested
     from diffkg_fast.utils.epoch_batch import epoch_batch
 
     cfg = make_config(epoch=1, **options)  # the child's config: its batches and steps
@@ -102,9 +103,8 @@ def measure(n_entities: int, threads: int, limit: int | None, options: dict[str,
                  "rebuild": kg_batches / min(limit, kg_batches),
                  "recommender": steps / min(limit, steps)}
         seconds = {k: v * scale.get(k, 1.0) for k, v in seconds.items()}
-    keep = os.environ.get("DIFFKG_FAST_KEEP_FREED_MEMORY", "1") != "0"
     return {**sizes, "data_s": data_s, "threads": threads, "options": options, "limit": limit,
-            "keep_freed_memory": keep,
+            "keep_freed_memory": keep_requested(),  # the child reads the same switch
             "recommender_batch": batch, "recommender_steps": steps, "kg_batches": kg_batches,
             "seconds": seconds, "epoch_plus_eval_s": sum(seconds.values()),
             "peak_rss_mb": max(p["peak_mb"] for p in res["phases"]),

@@ -69,9 +69,8 @@ import json, sys, time
 t_start = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[4]))
-import os
-from diffkg_fast.utils.allocator import keep_freed_memory
-if os.environ.get("DIFFKG_FAST_KEEP_FREED_MEMORY", "1") != "0":
+from diffkg_fast.utils.allocator import keep_freed_memory, keep_requested
+if keep_requested():
     keep_freed_memory()  # as the CLI does, and with the CLI's switch
 import diffkg_fast.train.sampling as sampling
 import diffkg_fast.train.trainer as tr

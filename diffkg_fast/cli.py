@@ -22,7 +22,7 @@ from diffkg_fast.data.errors import DataError, cut
 from diffkg_fast.data.export import EXPORTERS, export_dataset
 from diffkg_fast.data.stats import dataset_stats, format_stats
 from diffkg_fast.train.presets import PRESETS
-from diffkg_fast.utils.allocator import keep_freed_memory
+from diffkg_fast.utils.allocator import keep_freed_memory, keep_requested
 from diffkg_fast.utils.io import describe_os_error
 
 _PRESET_NAMES = ", ".join(sorted(PRESETS))
@@ -236,7 +236,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser(model_flags=argv[:1] == ["train"]).parse_args(argv)
-    if os.environ.get("DIFFKG_FAST_KEEP_FREED_MEMORY", "1") != "0":
+    if keep_requested():
         keep_freed_memory()  # this process is ours: big blocks reused, not faulted in each step
     try:
         return int(args.func(args))

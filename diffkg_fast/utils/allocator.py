@@ -30,9 +30,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["KEEP_ENV", "keep_freed_memory", "keep_requested"]
+
+# The switch of the processes that call keep_freed_memory on their own (the CLI, the benchmark
+# children): "0" turns it off.
+KEEP_ENV = "DIFFKG_FAST_KEEP_FREED_MEMORY"
 
 # <malloc.h>: mallopt's parameter numbers.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -52,3 +57,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def keep_requested() -> bool:
+    """Whether the environment asks for :func:`keep_freed_memory` (``KEEP_ENV`` unset or not
+    ``"0"``)."""
+    return os.environ.get(KEEP_ENV, "1") != "0"
