@@ -45,9 +45,13 @@ def _logsumexp_mm_reference(a: Tensor, b: Tensor) -> Tensor:
 _CHUNK_BYTES, _MIN_ROWS = 1 << 20, 8
 
 
+def _chunk_rows(width: int, element_size: int) -> int:
+    """Rows of ``width`` elements in one chunk."""
+    return max(_MIN_ROWS, _CHUNK_BYTES // max(width * element_size, 1))
+
+
 def _chunks(buf: Tensor) -> range:
-    rows = max(_MIN_ROWS, _CHUNK_BYTES // max(buf.shape[1] * buf.element_size(), 1))
-    return range(0, buf.shape[0], rows)
+    return range(0, buf.shape[0], _chunk_rows(buf.shape[1], buf.element_size()))
 
 
 class _LogSumExpMM(torch.autograd.Function):
@@ -159,7 +163,7 @@ class _SampledLogSumExp(torch.autograd.Function):
         logits = torch.mm(a, b.T)  # kept for the backward: one B × k block
         lse = logits.new_empty(logits.shape[0])
         width = logits.shape[1] + 1
-        step = max(_MIN_ROWS, _CHUNK_BYTES // (width * logits.element_size()))
+        step = _chunk_rows(width, logits.element_size())
         tmp = logits.new_empty(min(step, logits.shape[0]), width)
         n = logits.shape[0]
         for s in range(0, n, step):
