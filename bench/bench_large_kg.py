@@ -16,17 +16,19 @@ Modes: ``exact`` (DiffKG's dense rows), ``sampled`` (``diffusion_mode=sampled``:
 columns, exact CKGC, torch's dense Adam, the exact rebuild), ``linear`` (``sampled`` with
 ``ckgc_samples=--ckgc``, ``denoiser_adam=lazy`` and ``rebuild_mode=sampled``: a step reads and
 moves only the entities it touches, and the rebuild ranks each row's edges against ``n``
-competitor columns).
+competitor columns), ``deferred`` (``linear`` with ``denoiser_adam=deferred``: the touched
+entities move as dense Adam would move them, their skipped steps made up in closed form).
 
 Per child: ``setup_s`` (graphs, denoiser, Adam), the training pass and the rebuild (each its
 first ``--limit`` batches, or all without it; ``*_per_batch_s`` and the full pass extrapolated
 as ``*_full_s_extrapolated`` when limited; the rebuild's one-off factors, ``rebuild_factors_s``,
 timed alone and not multiplied), ``peak_rss_mb``, and the multiply-adds per row that
-the module docstrings count: exact ``5 E H``; sampled and linear ``6 (deg + n) H + 3 H d``.
+the module docstrings count: exact ``5 E H``; the others ``6 (deg + n) H + 3 H d``.
 Per step, ``per_step_macs``: in ``exact`` and ``sampled`` the CKGC product ``I H d`` and Adam
-over the ``2 E H`` weights, O(E H); in ``linear`` the sampled items' ``m H d`` product and its
-gradient, the item product moved by the touched items (at most ``min(I, K)`` rows of ``H d``),
-and Adam over the K touched entities (at most ``B deg + 2n + m``), O(H) per row and sample.
+over the ``2 E H`` weights, O(E H); in ``linear`` and ``deferred`` the sampled items' ``m H d``
+product and its gradient, the item product moved by the touched items (at most ``min(I, K)``
+rows of ``H d``), and Adam over the K touched entities (at most ``B deg + 2n + m``), O(H) per
+row and sample (``deferred``: twice, the skipped steps made up, then the step).
 The rebuild: in ``exact`` and ``sampled`` one ``B × H × E`` GEMM and a top-k per batch, O(E² H)
 per epoch; in ``linear`` ``(deg + n) H`` a row; in every mode the hidden-space chain's factors,
 ``2 E H²`` once per rebuild.
@@ -56,14 +58,15 @@ def shape(n_entities: int) -> dict[str, int]:
             "interactions": round(users * INTERACTIONS_PER_USER)}
 
 
-MODES = ("exact", "sampled", "linear")
+MODES = ("exact", "sampled", "linear", "deferred")
 
 
 def options(mode: str, negatives: int, ckgc: int) -> dict[str, Any]:
     """The KGDiffusion options of a benchmark mode (module docstring)."""
-    if mode == "linear":
+    if mode in ("linear", "deferred"):
         return {"diffusion_mode": "sampled", "diffusion_negatives": negatives,
-                "ckgc_samples": ckgc, "denoiser_adam": "lazy", "rebuild_mode": "sampled"}
+                "ckgc_samples": ckgc, "denoiser_adam": "lazy" if mode == "linear" else mode,
+                "rebuild_mode": "sampled"}
     return {"diffusion_mode": mode, "diffusion_negatives": negatives}
 
 
@@ -126,7 +129,7 @@ def child(n_entities: int, mode: str, limit: int | None, negatives: int, hidden:
            "rebuild_per_batch_s": max(rebuild_s - factors_s, 0.0) / run,
            "macs_per_row_train": macs,
            "per_step_macs": ((2 * ckgc + min(s["n_items"], touched)) * hidden * 64
-                             + 2 * touched * hidden if mode == "linear"
+                             + 2 * touched * hidden if mode in ("linear", "deferred")
                              else s["n_items"] * hidden * 64 + 2 * n_entities * hidden),
            "losses": losses, "peak_rss_mb": _vm_hwm_mb(), "device": device}
     if cuda:

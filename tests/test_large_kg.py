@@ -362,6 +362,7 @@ def test_bad_options_name_the_option(bad: dict, needle: str) -> None:
     ({"cl_mode": "sampled", "cl_negatives": 60}, "cl_negatives=60"),
     ({"ckgc_samples": 4}, "ckgc_samples=4 needs diffusion_mode='sampled'"),
     ({"denoiser_adam": "lazy"}, "denoiser_adam='lazy' needs diffusion_mode='sampled'"),
+    ({"denoiser_adam": "deferred"}, "denoiser_adam='deferred' needs diffusion_mode='sampled'"),
     ({"diffusion_mode": "sampled", "ckgc_samples": 15}, "ckgc_samples=15 >= the 15 items"),
     ({"rebuild_mode": "sampled", "diffusion_negatives": 10**9}, "diffusion_negatives=1000000000"),
     ({"rebuild_mode": "sampled", "use_diffusion": False}, "rebuild_mode='sampled' needs use_d"),
@@ -409,7 +410,8 @@ def test_sampled_mode_refuses_data_parallel(tiny) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("more", [{}, {"denoiser_adam": "lazy", "ckgc_samples": 4,
-                                      "rebuild_mode": "sampled"}])
+                                      "rebuild_mode": "sampled"},
+                                  {"denoiser_adam": "deferred", "ckgc_samples": 4}])
 def test_sampled_modes_train_on_cuda_as_on_the_cpu(tiny, more: dict) -> None:
     """The large-KG mode's code paths on a GPU (issue 21 §5): one epoch of DiffKG with the
     sampled diffusion and sampled InfoNCE on CUDA follows the CPU run. Every draw of the mode

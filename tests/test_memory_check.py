@@ -23,10 +23,10 @@ def _bound(ds, **sets) -> int:
     return peak_lower_bound(cfg.model_cls.memory_estimate(ds, cfg))
 
 
-@pytest.mark.parametrize("adam, per_weight", [("dense", 16), ("lazy", 12)])
+@pytest.mark.parametrize("adam, per_weight", [("dense", 16), ("lazy", 12), ("deferred", 12)])
 def test_denoiser_term_is_its_weights(ds, adam: str, per_weight: int) -> None:
     sets = {"dims": [96], "denoiser_adam": adam}
-    if adam == "lazy":
+    if adam != "dense":
         sets.update(diffusion_mode="sampled", diffusion_negatives=64)
     cfg = make_config(**sets)
     model = DiffKG.from_dataset(ds, **cfg.model_options())

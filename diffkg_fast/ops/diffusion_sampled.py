@@ -93,7 +93,7 @@ from diffkg_fast.ops.rows import rows as take_rows
 
 __all__ = ["EntityWeights", "ItemProduct", "SampledBatch", "chi2_wilson_hilferty",
            "diffusion_loss_sampled", "draw_sampled", "edge_keys", "entity_weights", "is_edge",
-           "sampled_preactivation"]
+           "sampled_preactivation", "touched"]
 
 _NORM_EPS = 1e-12  # F.normalize's default, as the exact denoiser's input
 
@@ -186,11 +186,12 @@ def touched(batch: SampledBatch, item_count: int) -> Tensor:
 
 
 @torch.no_grad()
-def entity_weights(denoiser: Denoiser, batch: SampledBatch, item_count: int) -> EntityWeights:
-    """Leaf copies of the weights of the entities a step on ``batch`` touches (:func:`touched`);
-    after backward their ``.grad`` are the step's gradients at those entities
+def entity_weights(denoiser: Denoiser, batch: SampledBatch, item_count: int,
+                   index: Tensor | None = None) -> EntityWeights:
+    """Leaf copies of the weights of the entities a step on ``batch`` touches (``index``, or
+    :func:`touched`); after backward their ``.grad`` are the step's gradients at those entities
     (:meth:`~diffkg_fast.model.diffkg.lazy_adam.LazyAdam.step` takes them)."""
-    idx = touched(batch, item_count)
+    idx = touched(batch, item_count) if index is None else index
     w1, n = denoiser.in_layer.weight, denoiser.n_entities
     leaves = (w1.index_select(1, idx).t().contiguous(), denoiser.out_layer.weight[idx],
               denoiser.out_layer.bias[idx], w1[:, n:].clone())

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
-from diffkg_fast.model.diffkg.lazy_adam import LazyAdam, RowGrad
+from diffkg_fast.model.diffkg.lazy_adam import DeferredAdam, LazyAdam, RowGrad
 from diffkg_fast.model.diffkg.sharding import SHARDINGS, full_state, gathered, shard
 from diffkg_fast.ops.diffusion import (
     Denoiser,
@@ -61,6 +61,7 @@ from diffkg_fast.ops.diffusion_sampled import (
     draw_sampled,
     edge_keys,
     entity_weights,
+    touched,
 )
 from diffkg_fast.ops.graph import KGCSR, torch_csr
 from diffkg_fast.ops.rebuild import rebuild_kg
@@ -78,7 +79,8 @@ from diffkg_fast.utils.seed import rng_stream
 __all__ = ["DIFFUSION_MODES", "KGDiffusion"]
 
 DIFFUSION_MODES = ("exact", "sampled")
-DENOISER_ADAMS = ("dense", "lazy")
+DENOISER_ADAMS = ("dense", "lazy", "deferred")
+_ADAMS = {"dense": torch.optim.Adam, "lazy": LazyAdam, "deferred": DeferredAdam}
 REBUILD_MODES = ("exact", "sampled")
 
 
@@ -95,7 +97,8 @@ class KGDiffusion(nn.Module):
     ``diffusion_negatives`` sampled columns per step (``1 <= n < n_entities``); in the sampled
     mode, ``ckgc_samples`` > 0 samples that many of the CKGC's items for the gradient of their
     rows (the value stays exact, through an H × d product kept current; 0: every item) and
-    ``denoiser_adam="lazy"`` moves only the rows a step touched
+    ``denoiser_adam="lazy"`` moves only the rows a step touched, ``"deferred"`` moves them
+    as dense Adam would have, their zero-gradient steps made up when next read
     (:mod:`~diffkg_fast.model.diffkg.lazy_adam`; ``"dense"``: torch's Adam, every row).
     ``rebuild_mode="sampled"``: each row's top-k among its own edges and
     ``diffusion_negatives`` competitor columns (:mod:`~diffkg_fast.ops.rebuild_sampled`),
@@ -129,7 +132,7 @@ class KGDiffusion(nn.Module):
         self.passes = diffusion_passes
         self.precision = diffusion_precision
         self.mode, self.n_negatives = diffusion_mode, diffusion_negatives
-        self.ckgc_samples, self.lazy = ckgc_samples, denoiser_adam == "lazy"
+        self.ckgc_samples, self.adam = ckgc_samples, denoiser_adam
         self.rebuild_mode = rebuild_mode
         # The sampled modes' membership tests (is a sampled column an edge of the row?).
         self.keys = (edge_keys(kg.rowptr, kg.col, kg.n_entities)
@@ -138,8 +141,8 @@ class KGDiffusion(nn.Module):
                                  dropout=denoiser_dropout,
                                  generator=rng_stream(seed, "init") if init is None else init,
                                  device=dev)
-        self.opt: torch.optim.Optimizer = (LazyAdam if self.lazy else torch.optim.Adam)(
-            self.denoiser.parameters(), lr=lr)
+        self.opt: torch.optim.Optimizer = _ADAMS[denoiser_adam](self.denoiser.parameters(),
+                                                                 lr=lr)
         self.schedule = DiffusionSchedule(steps, noise_scale, noise_min, noise_max)
         # R^T (I × U), for R^T U_emb once per pass.
         self.rt = torch_csr((sp.csr_matrix(train) != 0).T.astype(np.float32), dev)
@@ -151,6 +154,8 @@ class KGDiffusion(nn.Module):
         self._item_product: ItemProduct | None = None  # the sampled CKGC's, current in a pass
         # Checkpoints hold full tensors whatever the sharding (sharding.full_state).
         self._register_state_dict_hook(_full_tensors)
+        # The deferred Adam's rows current before the weights are read into a state.
+        self.register_state_dict_pre_hook(lambda module, *_: module.flush_optimizer())
 
     def distribute(self, dist: Dist) -> None:
         """Train the denoiser data-parallel and shard the rebuild over ``dist``'s ranks (module
@@ -243,7 +248,18 @@ class KGDiffusion(nn.Module):
             sums["diff"] += share * float(parts["diff"])
             sums["ckgc"] += share * float(parts["ckgc"])
             n_batches += 1
+        if isinstance(self.opt, DeferredAdam):
+            self.opt.flush()  # every row moved: the item product formed anew, current again
+            if self._item_product is not None:
+                out = self.denoiser.out_layer
+                self._item_product = ItemProduct.of(out.weight, out.bias, r_t_u)
         return n_batches
+
+    def flush_optimizer(self) -> None:
+        """Make the deferred Adam's every row current (:meth:`DeferredAdam.flush`; each pass
+        ends so): before a state is read."""
+        if isinstance(self.opt, DeferredAdam):
+            self.opt.flush()
 
     def _dense_step(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
                     ) -> tuple[Tensor, dict[str, Tensor], float]:
@@ -273,35 +289,46 @@ class KGDiffusion(nn.Module):
         batch = draw_sampled(kg.rowptr, kg.col, self.keys, rows, kg.n_entities, self.steps,
                              self.n_negatives, den.dropout, gen,
                              ckgc_samples=self.ckgc_samples, item_count=self.n_items)
-        ew = entity_weights(den, batch, self.n_items)
+        index = touched(batch, self.n_items)
+        items = index[:int(torch.searchsorted(index, self.n_items))]  # items: ids 0 … I-1
+        before = self._item_rows(items)
+        if isinstance(self.opt, DeferredAdam):
+            self.opt.catch_up(entity_rows(den, index))
+        ew = entity_weights(den, batch, self.n_items, index)
         loss, parts = diffusion_loss_sampled(den, batch, self.schedule, self.n_items, r_t_u,
                                              ent[rows], self.e_loss, weights=ew,
                                              item_product=self._item_product)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grads = row_grads(den, ew)
-        if self.lazy:
-            self.opt.step(grads)
-        else:
+        if self.adam == "dense":
             for p, (dim, idx, g) in grads.items():
                 p.grad = torch.zeros_like(p).index_copy_(dim, idx, g)
             self.opt.step()
+        else:
+            self.opt.step(grads)
         if self._item_product is not None:
-            self._item_product = self._moved_product(ew, r_t_u)
+            self._item_product = self._moved_product(items, before, r_t_u)
         return loss, parts, 1.0
 
-    def _moved_product(self, ew: EntityWeights, r_t_u: Tensor) -> ItemProduct:
-        """The sampled CKGC's item product after a step: moved by the touched item rows (the
-        lazy step moves no other), or formed anew (dense Adam moved every row)."""
+    def _item_rows(self, items: Tensor) -> tuple[Tensor, Tensor] | None:
+        """W2's and b2's rows at ``items`` as they are now, for the moved item product."""
+        if self._item_product is None or self.adam == "dense":
+            return None
         out = self.denoiser.out_layer
-        if not self.lazy:
+        return out.weight[items], out.bias[items]
+
+    def _moved_product(self, items: Tensor, before: tuple[Tensor, Tensor] | None,
+                       r_t_u: Tensor) -> ItemProduct:
+        """The sampled CKGC's item product after a step: moved by the item rows ``items`` the
+        step touched, from their values ``before`` (the lazy and deferred steps move no other
+        row), or formed anew (dense Adam moved every row)."""
+        out = self.denoiser.out_layer
+        if before is None:
             return ItemProduct.of(out.weight, out.bias, r_t_u)
         assert self._item_product is not None
-        # Items are entities 0 … I-1: a prefix of the sorted touched ids.
-        n = int(torch.searchsorted(ew.index, self.n_items))
-        rows = ew.index[:n]
-        return self._item_product.moved(rows, (ew.w2.detach()[:n], ew.b2.detach()[:n]),
-                                        (out.weight[rows], out.bias[rows]), r_t_u)
+        return self._item_product.moved(items, before, (out.weight[items], out.bias[items]),
+                                        r_t_u)
 
     def _part_loss(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor], float]:
@@ -390,16 +417,21 @@ def _full_tensors(module: nn.Module, state: dict[str, Any], prefix: str, _meta: 
             state[k] = full_state(v)
 
 
+def entity_rows(den: Denoiser, index: Tensor) -> dict[Tensor, tuple[int, Tensor]]:
+    """The rows of the denoiser's parameters a compact step on the entities ``index`` moves:
+    W1's columns (the entities' and the time embedding's), W2's and b2's rows."""
+    w1 = den.in_layer.weight
+    cols = torch.cat([index, torch.arange(den.n_entities, w1.shape[1], device=w1.device)])
+    return {w1: (1, cols), den.out_layer.weight: (0, index), den.out_layer.bias: (0, index)}
+
+
 def row_grads(den: Denoiser, ew: EntityWeights) -> dict[Tensor, RowGrad]:
-    """The gradients of a compact step (:func:`entity_weights`, after backward) as the rows of
-    the denoiser's parameters they belong to: W1's touched and time columns, W2's and b2's
-    touched rows."""
-    n, w1 = den.n_entities, den.in_layer.weight
-    cols = torch.cat([ew.index, torch.arange(n, w1.shape[1], device=w1.device)])
+    """The gradients of a compact step (:func:`entity_weights`, after backward) at the rows
+    :func:`entity_rows` names."""
     assert ew.w1.grad is not None and ew.w1_time.grad is not None
-    return {w1: (1, cols, torch.cat([ew.w1.grad.t(), ew.w1_time.grad], 1)),
-            den.out_layer.weight: (0, ew.index, ew.w2.grad),
-            den.out_layer.bias: (0, ew.index, ew.b2.grad)}
+    grads = (torch.cat([ew.w1.grad.t(), ew.w1_time.grad], 1), ew.w2.grad, ew.b2.grad)
+    return {p: (dim, idx, g) for (p, (dim, idx)), g
+            in zip(entity_rows(den, ew.index).items(), grads, strict=True)}
 
 
 def check_rebuild(mode: str, negatives: int, k: int, sampling_steps: int,

@@ -236,14 +236,14 @@ class DiffKG(EmbeddingRecommender):
     def memory_estimate(cls, ds: Any, config: Mapping[str, Any]) -> list[MemoryTerm]:
         """DiffKG's big tensors, float32, one process (an FSDP-sharded denoiser counted whole):
         the denoiser's 2·E·H weights with gradient and Adam moments (16 B each; 12 B with the
-        lazy Adam's compact gradient), a dense diffusion step's five B × E blocks (the exact
-        mode), InfoNCE's B' × (U + I) logits (all users and items; B' the recommender's batch,
-        grown by ``max_epoch_steps``) and the recommender's embeddings with gradient and moments
-        (16 B per (U + E) × d weight)."""
+        lazy or deferred Adam's compact gradient), a dense diffusion step's five B × E blocks
+        (the exact mode), InfoNCE's B' × (U + I) logits (all users and items; B' the
+        recommender's batch, grown by ``max_epoch_steps``) and the recommender's embeddings with
+        gradient and moments (16 B per (U + E) × d weight)."""
         E, B, d = ds.n_entities, config["batch"], config["latdim"]
         b_rec = epoch_batch(int(ds.train.nnz), B, config.get("max_epoch_steps", 0))
         H = int(config["dims"][0])
-        per_weight = 12 if config["denoiser_adam"] == "lazy" else 16
+        per_weight = 16 if config["denoiser_adam"] == "dense" else 12
         diffusion = config["use_diffusion"]
         logits = (ds.n_users + ds.n_items if config["cl_mode"] == "all"
                   else 2 * config["cl_negatives"])
