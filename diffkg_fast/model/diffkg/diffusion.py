@@ -79,8 +79,8 @@ from diffkg_fast.utils.seed import rng_stream
 __all__ = ["DIFFUSION_MODES", "KGDiffusion"]
 
 DIFFUSION_MODES = ("exact", "sampled")
-DENOISER_ADAMS = ("dense", "lazy", "deferred")
 _ADAMS = {"dense": torch.optim.Adam, "lazy": LazyAdam, "deferred": DeferredAdam}
+DENOISER_ADAMS = tuple(_ADAMS)
 REBUILD_MODES = ("exact", "sampled")
 
 
@@ -155,7 +155,7 @@ class KGDiffusion(nn.Module):
         # Checkpoints hold full tensors whatever the sharding (sharding.full_state).
         self._register_state_dict_hook(_full_tensors)
         # The deferred Adam's rows current before the weights are read into a state.
-        self.register_state_dict_pre_hook(lambda module, *_: module.flush_optimizer())
+        self.register_state_dict_pre_hook(_flush_before_state)
 
     def distribute(self, dist: Dist) -> None:
         """Train the denoiser data-parallel and shard the rebuild over ``dist``'s ranks (module
@@ -248,18 +248,19 @@ class KGDiffusion(nn.Module):
             sums["diff"] += share * float(parts["diff"])
             sums["ckgc"] += share * float(parts["ckgc"])
             n_batches += 1
-        if isinstance(self.opt, DeferredAdam):
-            self.opt.flush()  # every row moved: the item product formed anew, current again
-            if self._item_product is not None:
-                out = self.denoiser.out_layer
-                self._item_product = ItemProduct.of(out.weight, out.bias, r_t_u)
+        if self.flush_optimizer() and self._item_product is not None:
+            # Every row moved: the item product formed anew, current again.
+            out = self.denoiser.out_layer
+            self._item_product = ItemProduct.of(out.weight, out.bias, r_t_u)
         return n_batches
 
-    def flush_optimizer(self) -> None:
-        """Make the deferred Adam's every row current (:meth:`DeferredAdam.flush`; each pass
-        ends so): before a state is read."""
-        if isinstance(self.opt, DeferredAdam):
-            self.opt.flush()
+    def flush_optimizer(self) -> bool:
+        """Make the deferred Adam's every row current (:meth:`DeferredAdam.flush`): at each
+        pass's end and before a state is read. Whether there was one to flush."""
+        if not isinstance(self.opt, DeferredAdam):
+            return False
+        self.opt.flush()
+        return True
 
     def _dense_step(self, rows: Tensor, gen: torch.Generator, r_t_u: Tensor, ent: Tensor,
                     ) -> tuple[Tensor, dict[str, Tensor], float]:
@@ -408,6 +409,11 @@ class KGDiffusion(nn.Module):
                              f"expected {sorted(self.generators)}")
         for name, g in self.generators.items():
             g.set_state(state["generators"][name])
+
+
+def _flush_before_state(module: KGDiffusion, _prefix: str, _keep_vars: bool) -> None:
+    """``state_dict`` pre-hook: the deferred Adam's rows made current first."""
+    module.flush_optimizer()
 
 
 def _full_tensors(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
