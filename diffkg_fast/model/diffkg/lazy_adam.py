@@ -125,9 +125,8 @@ class _DeferredSums:
 
     def __call__(self, t0: Tensor, k: Tensor) -> Tensor:
         self._extend(int((t0 + k).max()) + 1)
-        far = self.table[(t0 + k).clamp(max=self.table.numel() - 1)]
         rk = self.r ** k.to(torch.float64)
-        return self.table[t0] - rk * far
+        return self.table[t0] - rk * self.table[t0 + k]
 
     def _extend(self, n: int) -> None:
         while self.table.numel() < n:
@@ -212,9 +211,7 @@ class DeferredAdam(LazyAdam):
         if made is not None and torch.equal(made[0], index):
             rows = made[1:]  # catch_up's copies, current at step - 1
         else:
-            if made is not None:
-                self._made_up[p] = made
-                self._commit(p)
+            self._write_moments(p, made)
             rows = super()._rows(p, dim, index)
             self._make_up(p, dim, index, rows, step - 1)
         self._current[p][1][index] = step
@@ -222,7 +219,9 @@ class DeferredAdam(LazyAdam):
 
     def _commit(self, p: Tensor) -> None:
         """Write catch_up's made-up moments of ``p`` back (its weights already are)."""
-        made = self._made_up.pop(p, None)
+        self._write_moments(p, self._made_up.pop(p, None))
+
+    def _write_moments(self, p: Tensor, made: tuple[Tensor, ...] | None) -> None:
         if made is not None:
             index, m, v, _ = made
             dim = self._current[p][0]
